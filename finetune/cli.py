@@ -1,0 +1,172 @@
+"""Command line: ``finetune train | eval | predict | recipes`` (also ``python -m finetune``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from finetune.errors import ConfigError, DataError, FinetuneError
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    configure_logging(args.debug)
+    try:
+        return args.handler(args)
+    except FinetuneError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="finetune", description="Fine-tune pretrained models with LoRA, offline.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
+    sub = parser.add_subparsers(dest="command")
+
+    p = sub.add_parser("train", parents=[common], help="train from a recipe",
+                       description="Train from a recipe (a shipped name or a YAML path) with key=value overrides.")
+    p.add_argument("recipe", help="recipe name (see `finetune recipes`) or path to a YAML file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.epochs=2 data.max_length=64")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run folder of the same name")
+    p.add_argument("--resume", nargs="?", const="auto", metavar="auto|PATH",
+                   help="continue from the newest complete checkpoint of the run (auto) or from PATH")
+    p.set_defaults(handler=cmd_train)
+
+    p = sub.add_parser("eval", parents=[common], help="evaluate a finished run on a held-out split or a file")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="data overrides, e.g. data.text_column=review")
+    p.add_argument("--split", choices=["test", "validation"], default="test")
+    p.add_argument("--file", type=Path, help="evaluate on this labelled file instead of the run's data")
+    p.set_defaults(handler=cmd_eval)
+
+    p = sub.add_parser("predict", parents=[common], help="predict with a finished run")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--text", action="append", help="a text to classify (repeatable)")
+    p.add_argument("--text-pair", action="append", help="second text of a pair, one per --text")
+    p.add_argument("--input", type=Path, help="csv/json/jsonl/parquet/txt file of inputs")
+    p.add_argument("--output", type=Path, help="write predictions as jsonl here (default: stdout)")
+    p.set_defaults(handler=cmd_predict)
+
+    p = sub.add_parser("recipes", parents=[common], help="list the shipped recipes")
+    p.set_defaults(handler=cmd_recipes)
+    return parser
+
+
+def configure_logging(debug: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s")
+    if not debug:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        for name in ("transformers", "datasets", "accelerate", "peft", "evaluate", "huggingface_hub", "urllib3",
+                     "filelock", "fsspec", "matplotlib", "httpx"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        import datasets
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
+
+
+def resolve_recipe(name: str) -> tuple[Path, str]:
+    """A recipe path, or the name of a shipped recipe -> (path, recipe name)."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"recipe file not found: {path}")
+        return path, path.stem
+    shipped = RECIPES_DIR / f"{name}.yaml"
+    if shipped.is_file():
+        return shipped, name
+    known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+    raise ConfigError(f"unknown recipe {name!r}; shipped recipes: {known}")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from finetune.config import load_config
+    from finetune.train import train
+
+    path, recipe_name = resolve_recipe(args.recipe)
+    config = load_config(path, args.overrides)
+    train(config, recipe_name, overwrite=args.overwrite, resume=args.resume)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from finetune.report import format_metrics
+    from finetune.run import load_run
+    from finetune.evaluation import evaluate_run
+
+    run = load_run(args.run_dir, args.overrides)
+    result = evaluate_run(run, split=args.split, file=args.file)
+    print(f"{args.file or args.split}: {format_metrics(result.metrics)}")
+    print(json.dumps({k: v for k, v in result.metrics.items() if k != "eval_seconds"}, indent=2))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from finetune.run import load_run
+
+    inputs = read_inputs(args)
+    run = load_run(args.run_dir)
+    predictions = run.task.predict(run.model, run.tokenizer, inputs)
+    out = args.output.open("w", encoding="utf-8") if args.output else sys.stdout
+    try:
+        for row in predictions:
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    finally:
+        if args.output:
+            out.close()
+    return 0
+
+
+def read_inputs(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """--text/--text-pair or --input FILE -> a list of {"text": ..., ["text_pair": ...]}."""
+    if args.input and args.text:
+        raise ConfigError("give either --text or --input, not both")
+    if args.text:
+        pairs = args.text_pair or []
+        if pairs and len(pairs) != len(args.text):
+            raise ConfigError(f"{len(args.text)} --text but {len(pairs)} --text-pair; give one pair per text")
+        return [{"text": t, **({"text_pair": pairs[i]} if pairs else {})} for i, t in enumerate(args.text)]
+    if args.input:
+        from finetune.data import load_file
+
+        rows = load_file(args.input)
+        if "text" not in rows.column_names:
+            raise DataError(f"{args.input}: no column 'text'; it has: {', '.join(rows.column_names)}")
+        keep = [c for c in ("text", "text_pair") if c in rows.column_names]
+        return [{k: row[k] for k in keep} for row in rows]
+    raise ConfigError("nothing to predict: give --text TEXT or --input FILE")
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    import yaml
+
+    for path in sorted(RECIPES_DIR.glob("*.yaml")):
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        first = path.read_text(encoding="utf-8").splitlines()[0]
+        about = first.lstrip("# ").strip() if first.startswith("#") else ""
+        task = (raw.get("run") or {}).get("task", "?")
+        model = (raw.get("model") or {}).get("name_or_path", "?")
+        print(f"{path.stem:<24} {task:<20} {model:<45} {about}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

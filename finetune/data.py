@@ -1,0 +1,195 @@
+"""Data sources (built-in, Hub, local files) and held-out splits.
+
+The flow: :func:`load_raw` returns whatever splits the source has; the task checks columns and
+encodes labels; :func:`make_splits` returns exactly ``train`` / ``validation`` / ``test``, carving
+the missing held-out splits from train with a seeded (optionally stratified) split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from finetune.builtin import BUILTIN_SOURCES, load_builtin
+from finetune.config import Config, DataConfig
+from finetune.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+# file extension -> datasets builder
+FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
+                 ".txt": "text"}
+
+
+def cache_root() -> Path:
+    """Where finetune caches derived data (built-in sets, converted checkpoints)."""
+    return Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune"))
+
+
+def load_raw(cfg: DataConfig, seed: int) -> datasets.DatasetDict:
+    """Load the splits a source has, as a DatasetDict (possibly only ``train``)."""
+    if cfg.source.startswith("builtin:"):
+        return _load_builtin_cached(cfg.source.removeprefix("builtin:"), seed)
+    if cfg.source == "files":
+        return _load_files(cfg)
+    return _load_hub(cfg)
+
+
+def _load_builtin_cached(name: str, seed: int) -> datasets.DatasetDict:
+    """Build a built-in set once and keep it on disk: memory-mapped, with stable fingerprints so
+    that ``map`` (tokenization) is cached across runs."""
+    if name not in BUILTIN_SOURCES:
+        raise DataError(f"unknown built-in dataset {name!r} (data.source); known: "
+                        f"{', '.join('builtin:' + n for n in sorted(BUILTIN_SOURCES))}")
+    import importlib
+
+    module = importlib.import_module(f"finetune.builtin.{BUILTIN_SOURCES[name]}")
+    # The cache key covers the builder's code, so editing a builder rebuilds its data.
+    code_hash = hashlib.sha256(inspect.getsource(module).encode()).hexdigest()[:12]
+    folder = cache_root() / "builtin" / f"{name}-seed{seed}-{code_hash}"
+    if (folder / "dataset_dict.json").is_file():
+        return datasets.load_from_disk(str(folder))
+    try:
+        built = load_builtin(name, seed=seed)
+    except (RuntimeError, FileNotFoundError, ModuleNotFoundError) as exc:
+        raise DataError(f"built-in dataset {name!r} is unavailable: {exc}") from None
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    built.save_to_disk(str(tmp))
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process won the race; use its copy
+        pass
+    return datasets.load_from_disk(str(folder))
+
+
+def _load_files(cfg: DataConfig) -> datasets.DatasetDict:
+    files = {cfg.train_split: cfg.train_file, cfg.validation_split: cfg.validation_file,
+             cfg.test_split: cfg.test_file}
+    splits = {}
+    for split, path in files.items():
+        if path is not None:
+            splits[split] = load_file(Path(path))
+    return datasets.DatasetDict(splits)
+
+
+def load_file(path: Path) -> datasets.Dataset:
+    """Load one csv/tsv/json/jsonl/parquet/txt file; errors name the file."""
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    builder = FILE_BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(FILE_BUILDERS)}")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty")
+    kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
+    try:
+        loaded = datasets.load_dataset(builder, data_files={"data": str(path.resolve())}, split="data", **kwargs)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (byte {exc.start}); convert it, e.g. "
+                        f"iconv -f latin1 -t utf-8") from None
+    except Exception as exc:  # datasets wraps parser errors in many types; keep the first line
+        cause = exc.__cause__ or exc
+        if isinstance(cause, UnicodeDecodeError):
+            raise DataError(f"{path}: not UTF-8 text (byte {cause.start}); convert it, e.g. "
+                            f"iconv -f latin1 -t utf-8") from None
+        message = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise DataError(f"{path}: could not parse as {builder}: {message}") from None
+    if len(loaded) == 0:
+        raise DataError(f"{path}: no rows")
+    return loaded
+
+
+def _load_hub(cfg: DataConfig) -> datasets.DatasetDict:
+    try:
+        loaded = datasets.load_dataset(cfg.source, cfg.hub_config)
+    except Exception as exc:  # offline, unknown id, bad config name
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"could not load Hub dataset {cfg.source!r} (data.source): {first}") from None
+    if not isinstance(loaded, datasets.DatasetDict):
+        loaded = datasets.DatasetDict({cfg.train_split: loaded})
+    return loaded
+
+
+def require_columns(dataset: datasets.Dataset, columns: list[str], where: str) -> None:
+    """Raise a DataError naming the missing columns and the ones the data has."""
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing:
+        raise DataError(f"{where}: no column {', '.join(repr(c) for c in missing)}; "
+                        f"it has: {', '.join(dataset.column_names)}")
+
+
+def describe_split(raw: datasets.DatasetDict, split: str, cfg: DataConfig) -> str:
+    """Name of a split for messages: the file it came from or the source and split name."""
+    files = {cfg.train_split: cfg.train_file, cfg.validation_split: cfg.validation_file,
+             cfg.test_split: cfg.test_file}
+    if cfg.source == "files" and files.get(split):
+        return str(files[split])
+    return f"{cfg.source} [{split}]"
+
+
+def make_splits(raw: datasets.DatasetDict, cfg: DataConfig, seed: int,
+                stratify_column: str | None = None) -> datasets.DatasetDict:
+    """Return ``train``/``validation``/``test``: the source's own splits where it has them,
+    otherwise seeded (stratified when ``stratify_column`` is a ClassLabel) held-out parts of train."""
+    if cfg.train_split not in raw:
+        raise DataError(f"{cfg.source}: no {cfg.train_split!r} split (data.train_split); "
+                        f"it has: {', '.join(raw) or 'none'}")
+    train = raw[cfg.train_split]
+    splits: dict[str, datasets.Dataset] = {}
+    carved = 0.0  # share of the original train already held out
+    for name, own, size in (("test", cfg.test_split, cfg.test_size),
+                            ("validation", cfg.validation_split, cfg.validation_size)):
+        if own in raw:
+            splits[name] = raw[own]
+            continue
+        if size == 0:
+            raise DataError(f"{cfg.source} has no {own!r} split and data.{name}_size is 0")
+        # Both sizes are shares of the original train, so rescale to what is left of it.
+        parts = _split(train, size / (1.0 - carved), seed, stratify_column, name)
+        train, splits[name] = parts["train"], parts["test"]
+        carved += size
+    splits["train"] = train
+    result = datasets.DatasetDict({k: splits[k] for k in ("train", "validation", "test")})
+    for name, split in result.items():
+        if len(split) == 0:
+            raise DataError(f"{cfg.source}: the {name} split is empty")
+    return result
+
+
+def _split(dataset: datasets.Dataset, share: float, seed: int, stratify_column: str | None,
+           name: str) -> datasets.DatasetDict:
+    if len(dataset) < 2:
+        raise DataError(f"only {len(dataset)} training example(s): too few to hold out a {name} split")
+    stratify = stratify_column if stratify_column and isinstance(
+        dataset.features.get(stratify_column), datasets.ClassLabel) else None
+    try:
+        return dataset.train_test_split(test_size=share, seed=seed, stratify_by_column=stratify)
+    except ValueError:
+        # Stratification needs >= 2 examples per class in each part; fall back to a plain split.
+        logger.warning("stratified %s split impossible (a class is too rare); using a random split", name)
+        return dataset.train_test_split(test_size=share, seed=seed)
+
+
+def cap(dataset: datasets.Dataset, limit: int | None, seed: int) -> datasets.Dataset:
+    """A seeded random subset of at most ``limit`` rows (all rows when ``limit`` is None)."""
+    if limit is None or limit >= len(dataset):
+        return dataset
+    return dataset.shuffle(seed=seed).select(range(limit)).flatten_indices()
+
+
+def load_splits(task: Any, config: Config) -> datasets.DatasetDict:
+    """Raw source -> task-checked examples -> train/validation/test, capped as the recipe asks."""
+    raw = task.prepare_raw(load_raw(config.data, config.run.seed))
+    splits = make_splits(raw, config.data, config.run.seed, task.stratify_column)
+    d, seed = config.data, config.run.seed
+    return datasets.DatasetDict({
+        "train": cap(splits["train"], d.max_train_samples, seed),
+        "validation": cap(splits["validation"], d.max_eval_samples, seed),
+        "test": cap(splits["test"], d.max_test_samples, seed),
+    })

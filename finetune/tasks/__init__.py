@@ -1,0 +1,12 @@
+"""The task registry: ``run.task`` names one of these."""
+
+from __future__ import annotations
+
+from finetune.tasks.base import Task
+from finetune.tasks.classification import ClassificationTask
+
+TASKS: dict[str, type[Task]] = {
+    ClassificationTask.name: ClassificationTask,
+}
+
+__all__ = ["TASKS", "Task"]
