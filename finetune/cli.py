@@ -7,12 +7,21 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 from finetune.errors import ConfigError, DataError, FinetuneError
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+# Inputs `finetune predict` takes on the command line; each task reads the fields it needs.
+INPUT_FIELDS = {
+    "text": "a text to classify or translate",
+    "text_pair": "second text of a sentence pair, one per --text",
+    "prompt": "a prompt to complete",
+    "question": "a question, one per --context",
+    "context": "the passage that answers a --question",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,9 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", parents=[common], help="predict with a finished run")
     p.add_argument("run_dir", type=Path)
-    p.add_argument("--text", action="append", help="a text to classify (repeatable)")
-    p.add_argument("--text-pair", action="append", help="second text of a pair, one per --text")
-    p.add_argument("--input", type=Path, help="csv/json/jsonl/parquet/txt file of inputs")
+    for field, about in INPUT_FIELDS.items():
+        p.add_argument(f"--{field.replace('_', '-')}", action="append", help=f"{about} (repeatable)")
+    p.add_argument("--input", type=Path, help="csv/json/jsonl/parquet/txt file of inputs, one per row")
     p.add_argument("--output", type=Path, help="write predictions as jsonl here (default: stdout)")
     p.set_defaults(handler=cmd_predict)
 
@@ -80,7 +89,10 @@ def configure_logging(debug: bool) -> None:
         import transformers
 
         transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
         datasets.disable_progress_bars()
+        warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices
+        warnings.filterwarnings("ignore", category=UserWarning, module="peft")
 
 
 def resolve_recipe(name: str) -> tuple[Path, str]:
@@ -136,23 +148,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def read_inputs(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """--text/--text-pair or --input FILE -> a list of {"text": ..., ["text_pair": ...]}."""
-    if args.input and args.text:
-        raise ConfigError("give either --text or --input, not both")
-    if args.text:
-        pairs = args.text_pair or []
-        if pairs and len(pairs) != len(args.text):
-            raise ConfigError(f"{len(args.text)} --text but {len(pairs)} --text-pair; give one pair per text")
-        return [{"text": t, **({"text_pair": pairs[i]} if pairs else {})} for i, t in enumerate(args.text)]
+    """--text/--prompt/--question/... or --input FILE -> a list of input rows (dicts)."""
+    given = {field: getattr(args, field) for field in INPUT_FIELDS if getattr(args, field)}
+    if args.input and given:
+        raise ConfigError(f"give either --input or --{'/--'.join(given)}, not both")
+    if given:
+        counts = {field: len(values) for field, values in given.items()}
+        if len(set(counts.values())) != 1:
+            raise ConfigError("each input needs one value per field; got "
+                              + ", ".join(f"{n} --{f.replace('_', '-')}" for f, n in counts.items()))
+        count = next(iter(counts.values()))
+        return [{field: values[i] for field, values in given.items()} for i in range(count)]
     if args.input:
         from finetune.data import load_file
 
-        rows = load_file(args.input)
-        if "text" not in rows.column_names:
-            raise DataError(f"{args.input}: no column 'text'; it has: {', '.join(rows.column_names)}")
-        keep = [c for c in ("text", "text_pair") if c in rows.column_names]
-        return [{k: row[k] for k in keep} for row in rows]
-    raise ConfigError("nothing to predict: give --text TEXT or --input FILE")
+        return [dict(row) for row in load_file(args.input)]
+    raise ConfigError("nothing to predict: give --input FILE or " + " / ".join(f"--{f}" for f in INPUT_FIELDS))
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:

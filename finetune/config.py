@@ -130,6 +130,8 @@ class EvalConfig:
     """Held-out evaluation."""
 
     batch_size: int = 64
+    before_training: bool = False
+    """Also evaluate the untouched base model on the test split before training (a zero-shot reference)."""
 
 
 @dataclass

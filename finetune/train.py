@@ -229,7 +229,13 @@ def train(config: Config, recipe_name: str, overwrite: bool = False, resume: str
     if t.trackers:
         accelerator.init_trackers(config.run.name, config=report.flatten(config.to_dict()))
 
+    test_dl = accelerator.prepare(eval_dataloader(task, features["test"], tokenizer, config.eval.batch_size))
     state = TrainerState()
+    before: EvalResult | None = None
+    if config.eval.before_training and resume is None:
+        # LoRA starts as an identity (B = 0), so this is the base model (a fresh head for classifiers).
+        before = evaluate(task, model, test_dl, accelerator, splits["test"], features["test"])
+        accelerator.print("test before training: " + report.format_metrics(before.metrics))
     if resume is not None:
         found = find_resume_checkpoint(run_dir, resume)
         if found is None:
@@ -344,7 +350,6 @@ def train(config: Config, recipe_name: str, overwrite: bool = False, resume: str
     if (run_dir / BEST_DIR / "trainable.safetensors").is_file():
         load_trainable(unwrapped, run_dir / BEST_DIR / "trainable.safetensors")
         accelerator.print(f"best checkpoint: step {state.best_step} ({t.metric_for_best} {state.best_metric:.4f})")
-    test_dl = accelerator.prepare(eval_dataloader(task, features["test"], tokenizer, config.eval.batch_size))
     result = evaluate(task, model, test_dl, accelerator, splits["test"], features["test"])
     baseline = task.baseline(splits, splits["test"])
     if accelerator.is_main_process:
@@ -353,6 +358,8 @@ def train(config: Config, recipe_name: str, overwrite: bool = False, resume: str
         tokenizer.save_pretrained(str(out))
         task.save_artifacts(out)
         summary = finish_metrics(result, baseline, splits, state, config, trainable, total)
+        if before is not None:
+            summary["before_training"] = before.metrics
         report.write_run(run_dir, config, task, result, summary)
         report.print_summary(task, summary)
     accelerator.end_training()

@@ -171,6 +171,9 @@ class ClassificationTask(Task):
     # --- inference -------------------------------------------------------------------------------
     def predict(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
                 inputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for row, item in enumerate(inputs):
+            if not isinstance(item.get("text"), str) or not item["text"].strip():
+                raise DataError(f"input {row + 1}: a classification input needs a non-empty 'text'")
         results = []
         device = next(model.parameters()).device
         batch_size = self.config.eval.batch_size
