@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from finetune.tasks.base import Task
 from finetune.tasks.classification import ClassificationTask
+from finetune.tasks.generation import GenerationTask
 
 TASKS: dict[str, type[Task]] = {
     ClassificationTask.name: ClassificationTask,
+    GenerationTask.name: GenerationTask,
 }
 
 __all__ = ["TASKS", "Task"]
