@@ -85,6 +85,9 @@ class DataConfig:
     """Generation: a list of ``{role, content}`` turns; the last (assistant) turn is the response."""
     use_chat_template: bool = True
     """Generation: format prompts with the tokenizer's chat template when it has one (else ``prompt_template``)."""
+    system_prompt: str | None = None
+    """Generation with a chat template: a system turn put before each prompt; null keeps the template's
+    own default (some templates insert a long one: a short one saves tokens on every sample)."""
     prompt_template: str = "### Prompt:\n{prompt}\n### Response:\n"
     """Generation without a chat template: the text the response follows; ``{prompt}`` is replaced."""
     packing: bool = False

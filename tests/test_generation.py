@@ -122,13 +122,13 @@ def test_packed_loss_equals_unpacked_loss(tokenizer, kind, attn):
 
 def test_packing_preprocess_keeps_every_target(tmp_path, tiny_llama_dir):
     config = load_config(ROOT / "recipes" / "generate.yaml", [
-        f"model.name_or_path={tiny_llama_dir}", "data.packing=true", "data.max_length=64"])
+        f"model.name_or_path={tiny_llama_dir}", "data.packing=true", "data.max_length=64", "data.system_prompt=null"])
     task = GenerationTask(config)
     task.shape = "prompt_response"
     tokenizer = build_tokenizer()
     examples = datasets.Dataset.from_list(synthetic_pairs(40))
     plain = GenerationTask(load_config(ROOT / "recipes" / "generate.yaml", [
-        f"model.name_or_path={tiny_llama_dir}", "data.max_length=64"]))
+        f"model.name_or_path={tiny_llama_dir}", "data.max_length=64", "data.system_prompt=null"]))
     plain.shape = "prompt_response"
     packed = task.preprocess(examples, tokenizer, "train")
     unpacked = plain.preprocess(examples, tokenizer, "train")
@@ -217,7 +217,8 @@ def test_smollm2_converts_once_and_answers():
 # --- bad input ---------------------------------------------------------------------------------------
 def _task_on(path: Path, *overrides: str) -> GenerationTask:
     config = load_config(ROOT / "recipes" / "generate.yaml",
-                         ["data.source=files", f"data.train_file={path}", "data.shape=auto", *overrides])
+                         ["data.source=files", f"data.train_file={path}", "data.shape=auto", "data.system_prompt=null",
+                          *overrides])
     return GenerationTask(config)
 
 
@@ -288,7 +289,8 @@ def test_tiny_decoder_train_eval_predict_cli(tmp_path, tiny_llama_dir):
     data = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(160, seed=1))
     result = run_cli(
         "train", "generate", f"model.name_or_path={tiny_llama_dir}", "data.source=files",
-        f"data.train_file={data}", "data.shape=auto", "data.max_length=48", "data.packing=true",
+        f"data.train_file={data}", "data.shape=auto", "data.system_prompt=null", "data.max_length=48",
+        "data.packing=true",
         "lora.method=full", "train.epochs=4", "train.batch_size=16", "train.learning_rate=0.003",
         "train.scheduler=constant", "train.warmup_ratio=0", "train.eval_every_steps=10",
         "train.mixed_precision=no", "eval.generate_samples=8", "eval.max_new_tokens=12", "eval.batch_size=16",

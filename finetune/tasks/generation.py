@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
 
-from finetune.config import Config
+from finetune.config import Config, DataConfig
 from finetune.data import describe_split, require_columns
 from finetune.errors import ConfigError, DataError, ModelError
 from finetune.metrics import load_metric
@@ -50,6 +50,7 @@ IGNORE_INDEX = -100  # label of a position that is not a target (prompt, padding
 GENERATED_PAD = -1  # pads generated token ids across rows and processes (never a token id)
 ARTIFACTS_FILE = "generation.json"
 SHAPES = ("text", "prompt_response", "messages")
+LOGITS_PER_FORWARD = 2**26  # ~256 MB of fp32 logits per evaluation forward pass
 TEXT_MAP_BATCH = 1000  # rows tokenized and cut into blocks together (the last block of each batch may be short)
 
 
@@ -69,12 +70,16 @@ def uses_chat_template(tokenizer: PreTrainedTokenizerBase, use_chat_template: bo
 
 
 def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict[str, str]], *,
-                  use_chat_template: bool = True, template: str = "{prompt}\n") -> str:
+                  use_chat_template: bool = True, template: str = DataConfig.prompt_template,
+                  system_prompt: str | None = None) -> str:
     """The text a response follows: the chat template with the assistant header (when the tokenizer has
     one and ``use_chat_template``), else ``template`` with ``{prompt}`` replaced. ``prompt`` is a string
-    or a list of ``{role, content}`` turns (joined with newlines for the plain template)."""
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    or a list of ``{role, content}`` turns (joined with newlines for the plain template). A
+    ``system_prompt`` becomes the first turn of a chat that has none."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if uses_chat_template(tokenizer, use_chat_template):
+        if system_prompt is not None and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": system_prompt}] + messages
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     text = prompt if isinstance(prompt, str) else "\n".join(turn["content"] for turn in messages)
     return template.replace("{prompt}", text)
@@ -162,15 +167,24 @@ def collate_causal_lm(features: Sequence[dict[str, Any]], pad_id: int,
     return batch
 
 
-def token_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed NLL, number of target tokens) per row; label t is predicted from the tokens before it."""
-    labels = batch["labels"]
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs).logits
-    targets = labels[:, 1:]
-    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
-                          reduction="none")
-    return nll.sum(dim=1), (targets != IGNORE_INDEX).sum(dim=1)
+def token_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+              max_logits: int = LOGITS_PER_FORWARD) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed NLL, number of target tokens) per row; label t is predicted from the tokens before it.
+    Rows go through the model in chunks of at most ``max_logits`` logits (rows x length x vocabulary),
+    so a large evaluation batch does not hold the logits of every row at once."""
+    input_ids = batch["input_ids"]
+    vocab = getattr(getattr(getattr(model, "module", model), "config", None), "vocab_size", None) or 1
+    rows = max(1, max_logits // (input_ids.shape[1] * vocab))
+    sums, counts = [], []
+    for start in range(0, input_ids.shape[0], rows):
+        part = {k: v[start:start + rows] for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        targets = part.pop("labels")[:, 1:]
+        logits = model(**part).logits
+        nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
+                              reduction="none")
+        sums.append(nll.sum(dim=1))
+        counts.append((targets != IGNORE_INDEX).sum(dim=1))
+    return torch.cat(sums), torch.cat(counts)
 
 
 # --- generation ---------------------------------------------------------------------------------------
@@ -385,7 +399,8 @@ class GenerationTask(Task):
             out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "prompt_length", "truncated",
                                                     "length", "example_index", "generate")}
             for index, prompt, response in zip(indices, batch[prompt_key], batch["response"]):
-                text = format_prompt(tokenizer, prompt, use_chat_template=chat, template=d.prompt_template)
+                text = format_prompt(tokenizer, prompt, use_chat_template=chat, template=d.prompt_template,
+                                     system_prompt=d.system_prompt)
                 feature = build_sft_features(encode_prompt(tokenizer, text, chat),
                                              tokenizer(response, add_special_tokens=False)["input_ids"],
                                              eos, d.max_length, d.overlength)
@@ -524,8 +539,9 @@ class GenerationTask(Task):
             if self.shape == "text":
                 ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
             else:
-                ids = encode_prompt(tokenizer, format_prompt(tokenizer, prompt, use_chat_template=chat,
-                                                             template=d.prompt_template), chat)
+                text = format_prompt(tokenizer, prompt, use_chat_template=chat, template=d.prompt_template,
+                                     system_prompt=d.system_prompt)
+                ids = encode_prompt(tokenizer, text, chat)
             if len(ids) > d.max_length:
                 logger.warning("input %d: prompt of %d tokens keeps its last data.max_length=%d", row + 1,
                                len(ids), d.max_length)
