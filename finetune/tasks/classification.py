@@ -43,11 +43,14 @@ class ClassificationTask(Task):
 
         d = self.config.data
         columns = [d.text_column] + ([d.text_pair_column] if d.text_pair_column else [])
+        keys = {d.text_column: "data.text_column", d.label_column: "data.label_column"}
+        if d.text_pair_column:
+            keys[d.text_pair_column] = "data.text_pair_column"
         train_name = d.train_split if d.train_split in raw else next(iter(raw))
         result = {}
         for split, dataset in raw.items():
             where = describe_split(raw, split, d)
-            require_columns(dataset, columns + [d.label_column], where)
+            require_columns(dataset, keys, where)
             dataset = dataset.select_columns(columns + [d.label_column])
             for column in columns:
                 dataset = _check_texts(dataset, column, where)
