@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from finetune.errors import ConfigError, DataError, FinetuneError
+from finetune.errors import ConfigError, FinetuneError
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 # Inputs `finetune predict` takes on the command line; each task reads the fields it needs.
