@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -46,19 +47,27 @@ BEFORE_FILE = "before_training.json"
 class LengthGroupedBatchSampler:
     """Seeded batches of indices, reproducible for a (seed, epoch): shuffled, and when grouping by
     length, sorted inside chunks of 50 batches so a batch holds similar lengths (less padding)
-    while the batch order stays random. Resume skips batches of this exact order."""
+    while the batch order stays random. Resume skips batches of this exact order.
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int, group_by_length: bool):
+    With several processes only full batches are kept, as many as a multiple of the process count:
+    accelerate then deals them out round-robin without padding the epoch with repeated examples, so
+    no example is seen twice in an epoch (the few left over change from epoch to epoch)."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, group_by_length: bool,
+                 num_processes: int = 1):
         self.lengths = np.asarray(lengths)
         self.batch_size = batch_size
         self.seed = seed
         self.group_by_length = group_by_length
+        self.num_processes = num_processes
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
+        if self.num_processes > 1:
+            return len(self.lengths) // self.batch_size // self.num_processes * self.num_processes
         return math.ceil(len(self.lengths) / self.batch_size)
 
     def __iter__(self):
@@ -74,13 +83,16 @@ class LengthGroupedBatchSampler:
         if self.group_by_length:
             batch_order = torch.randperm(len(batches), generator=generator).tolist()
             batches = [batches[i] for i in batch_order]
+        if self.num_processes > 1:
+            batches = [b for b in batches if len(b) == self.batch_size][:len(self)]
         yield from batches
 
 
 def train_dataloader(task: Task, features: datasets.Dataset, tokenizer: PreTrainedTokenizerBase,
-                     config: Config) -> DataLoader:
+                     config: Config, num_processes: int = 1) -> DataLoader:
     t = config.train
-    sampler = LengthGroupedBatchSampler(features["length"], t.batch_size, config.run.seed, t.group_by_length)
+    sampler = LengthGroupedBatchSampler(features["length"], t.batch_size, config.run.seed, t.group_by_length,
+                                        num_processes)
     return DataLoader(features, batch_sampler=sampler, collate_fn=lambda rows: task.collate(rows, tokenizer),
                       num_workers=t.num_workers, pin_memory=torch.cuda.is_available(),
                       # its own generator: creating an iterator must not draw from the global RNG,
@@ -111,6 +123,13 @@ def train(config: Config, recipe_name: str, overwrite: bool = False, resume: str
         log_with=t.trackers or None,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=False),
     )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        # e.g. `accelerate launch --multi_gpu` on a machine without GPUs: every process would train alone
+        # and all of them would write the same run folder.
+        raise FinetuneError(f"launched as {launched} processes but Accelerate runs {accelerator.num_processes}: "
+                            f"without GPUs use ACCELERATE_USE_CPU=1 torchrun --nproc_per_node {launched} -m finetune "
+                            f"train ... (or make finetune NPROC={launched})")
     set_seed(config.run.seed)
     task = TASKS[config.run.task](config)
 
@@ -148,7 +167,7 @@ def train(config: Config, recipe_name: str, overwrite: bool = False, resume: str
     accelerator.print(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%), "
                       f"{config.lora.method}, mixed precision: {mixed_precision}")
 
-    train_dl = train_dataloader(task, features["train"], tokenizer, config)
+    train_dl = train_dataloader(task, features["train"], tokenizer, config, accelerator.num_processes)
     valid_dl = eval_dataloader(task, features["validation"], tokenizer, config.eval.batch_size)
     test_dl = eval_dataloader(task, features["test"], tokenizer, config.eval.batch_size)
     optimizer = make_optimizer(model, config)
@@ -214,8 +233,8 @@ def train(config: Config, recipe_name: str, overwrite: bool = False, resume: str
             report.append_log(run_dir / LOG_FILE, record)
         accelerator.log({f"validation/{k}": v for k, v in report.scalars(result.metrics).items()},
                         step=state.global_step)
-        progress.write(f"step {state.global_step}: validation " + report.format_metrics(result.metrics)
-                       + (" (best)" if improved else ""))
+        accelerator.print(f"step {state.global_step}: validation " + report.format_metrics(result.metrics)
+                          + (" (best)" if improved else ""))
 
     done = state.global_step >= max_steps
     model.train()
@@ -236,8 +255,8 @@ def train(config: Config, recipe_name: str, overwrite: bool = False, resume: str
                         accelerator.backward(loss)
                     elif t.on_nonfinite_loss == "skip":
                         state.skipped_batches += 1
-                        progress.write(f"step {state.global_step + 1}: loss is {loss_value}; batch skipped "
-                                       f"({state.skipped_batches} so far)")
+                        print(f"step {state.global_step + 1}, process {accelerator.process_index}: loss is "
+                              f"{loss_value}; batch skipped ({state.skipped_batches} so far)")
                     else:
                         raise FinetuneError(f"loss is {loss_value} at step {state.global_step + 1} (epoch {epoch}, "
                                             f"batch {state.batches_in_epoch + 1}); lower train.learning_rate, check "

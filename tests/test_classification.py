@@ -77,7 +77,7 @@ def test_predict_text_and_file(trained_full: Path, tmp_path: Path, capsys: pytes
     assert [r["label"] for r in rows] == ["positive", "neutral"]
     assert abs(sum(rows[0]["scores"].values()) - 1) < 1e-4
     inputs = tmp_path / "inputs.jsonl"
-    inputs.write_text('{"text": "so awful"}\n{"text": "lovely day"}\n', encoding="utf-8")
+    inputs.write_text('{"text": "the movie was awful"}\n{"text": "it was a lovely day"}\n', encoding="utf-8")
     assert main(["predict", str(trained_full), "--input", str(inputs), "--output", str(tmp_path / "out.jsonl")]) == 0
     labels = [json.loads(line)["label"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert labels == ["negative", "positive"]
