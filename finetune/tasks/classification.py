@@ -113,9 +113,12 @@ class ClassificationTask(Task):
 
     # --- model -----------------------------------------------------------------------------------
     def load_model(self, checkpoint: Checkpoint) -> PreTrainedModel:
+        return load_pretrained(self.auto_class, checkpoint, self.config.model, **self.base_model_kwargs())
+
+    def base_model_kwargs(self) -> dict[str, Any]:
         id2label = dict(enumerate(self.label_names))
-        return load_pretrained(self.auto_class, checkpoint, self.config.model, num_labels=len(self.label_names),
-                               id2label=id2label, label2id={v: k for k, v in id2label.items()})
+        return {"num_labels": len(self.label_names), "id2label": id2label,
+                "label2id": {v: k for k, v in id2label.items()}}
 
     def save_artifacts(self, folder: Path) -> None:
         (folder / LABELS_FILE).write_text(json.dumps({"labels": self.label_names}, ensure_ascii=False, indent=2),
