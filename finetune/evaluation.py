@@ -87,6 +87,17 @@ def evaluate(task: Task, model: torch.nn.Module, dataloader: DataLoader, acceler
     return EvalResult(metrics, predictions)
 
 
+def make_accelerator(mixed_precision: str, **kwargs: Any) -> Accelerator:
+    """A fresh Accelerator. Accelerate keeps its settings in process-wide singletons that refuse a second
+    mixed-precision mode, so a second run in one process (tests, notebooks) clears them first; the
+    process group of a distributed launch (PartialState) is kept."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    return Accelerator(mixed_precision=resolve_mixed_precision(mixed_precision), **kwargs)
+
+
 def task_pad_value(task: Task, key: str) -> float:
     return getattr(task, "eval_pad_values", {}).get(key, 0)
 
@@ -111,7 +122,7 @@ def evaluate_run(run, split: str = "test", file=None) -> EvalResult:
     else:
         examples = load_splits(task, config)[split]
     features = task.preprocess(examples, run.tokenizer, split)
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(config.train.mixed_precision))
+    accelerator = make_accelerator(config.train.mixed_precision)
     model, dataloader = accelerator.prepare(run.model, eval_dataloader(task, features, run.tokenizer,
                                                                        config.eval.batch_size))
     return evaluate(task, model, dataloader, accelerator, examples, features)

@@ -19,7 +19,6 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
-from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -31,7 +30,7 @@ from finetune.checkpoints import (GracefulStop, TrainerState, TrainingInterrupte
 from finetune.config import Config, dump_config, resolve_mixed_precision
 from finetune.data import load_splits
 from finetune.errors import FinetuneError
-from finetune.evaluation import EvalResult, eval_dataloader, evaluate
+from finetune.evaluation import EvalResult, eval_dataloader, evaluate, make_accelerator
 from finetune.models import apply_lora, count_parameters, resolve_checkpoint, write_source
 from finetune.run import ADAPTER_DIR, CONFIG_FILE, MODEL_DIR, default_run_name, prepare_run_dir
 from finetune.tasks import TASKS, Task
@@ -117,9 +116,9 @@ def train(config: Config, recipe_name: str, overwrite: bool = False, resume: str
     """Train, evaluate on the test split, and write the run folder. Returns the run folder."""
     t = config.train
     mixed_precision = resolve_mixed_precision(t.mixed_precision)
-    accelerator = Accelerator(
+    accelerator = make_accelerator(
+        mixed_precision,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
-        mixed_precision=mixed_precision,
         log_with=t.trackers or None,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=False),
     )
@@ -135,8 +134,7 @@ def train(config: Config, recipe_name: str, overwrite: bool = False, resume: str
 
     # Run folder: the main process names it; every process must use the same name.
     if resume is not None and config.run.name is None:
-        raise FinetuneError("--resume needs the run's name: add run.name=NAME, or resume from the run's own "
-                            "config: finetune train runs/NAME/config.yaml --resume auto")
+        config.run.name = latest_unfinished_run(Path(config.run.output_dir), recipe_name)
     name = [config.run.name or default_run_name(recipe_name)]
     broadcast_object_list(name)
     config.run.name = name[0]
@@ -342,6 +340,19 @@ def train(config: Config, recipe_name: str, overwrite: bool = False, resume: str
         report.print_summary(task, summary)
     accelerator.end_training()
     return run_dir
+
+
+def latest_unfinished_run(output_dir: Path, recipe_name: str) -> str:
+    """The newest ``<recipe>-<timestamp>`` run folder without ``metrics.json`` (what ``--resume`` continues
+    when no ``run.name`` is given)."""
+    from finetune.run import METRICS_FILE
+
+    candidates = sorted(p for p in output_dir.glob(f"{recipe_name}-*")
+                        if p.is_dir() and not (p / METRICS_FILE).exists())
+    if not candidates:
+        raise FinetuneError(f"--resume: no unfinished {recipe_name}-* run in {output_dir}; name it with "
+                            f"run.name=NAME, or resume from its config: finetune train RUN/config.yaml --resume auto")
+    return candidates[-1].name
 
 
 def signal_name(signum: int) -> str:
