@@ -23,7 +23,8 @@ def flatten(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         if isinstance(value, dict):
             flat.update(flatten(value, f"{name}."))
         else:
-            flat[name] = value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
+            # trackers (tensorboard's hparams) take numbers, strings and booleans only
+            flat[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
     return flat
 
 

@@ -19,7 +19,8 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
-from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
+from accelerate import PartialState
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_scheduler
@@ -115,36 +116,38 @@ def make_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimi
 def train(config: Config, recipe_name: str, overwrite: bool = False, resume: str | None = None) -> Path:
     """Train, evaluate on the test split, and write the run folder. Returns the run folder."""
     t = config.train
-    mixed_precision = resolve_mixed_precision(t.mixed_precision)
-    accelerator = make_accelerator(
-        mixed_precision,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        log_with=t.trackers or None,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=False),
-    )
+    # The process group first: every process must agree on the run folder before anything is written.
+    processes = PartialState()
     launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != accelerator.num_processes:
+    if launched != processes.num_processes:
         # e.g. `accelerate launch --multi_gpu` on a machine without GPUs: every process would train alone
         # and all of them would write the same run folder.
-        raise FinetuneError(f"launched as {launched} processes but Accelerate runs {accelerator.num_processes}: "
+        raise FinetuneError(f"launched as {launched} processes but Accelerate runs {processes.num_processes}: "
                             f"without GPUs use ACCELERATE_USE_CPU=1 torchrun --nproc_per_node {launched} -m finetune "
                             f"train ... (or make finetune NPROC={launched})")
-    set_seed(config.run.seed)
-    task = TASKS[config.run.task](config)
-
-    # Run folder: the main process names it; every process must use the same name.
     if resume is not None and config.run.name is None:
         config.run.name = latest_unfinished_run(Path(config.run.output_dir), recipe_name)
     name = [config.run.name or default_run_name(recipe_name)]
     broadcast_object_list(name)
     config.run.name = name[0]
     run_dir = Path(config.run.output_dir) / config.run.name
-    if accelerator.is_main_process:
+    if processes.is_main_process:
         prepare_run_dir(run_dir, overwrite=overwrite, resume=resume is not None)
         if resume is not None:
             check_same_config(run_dir / CONFIG_FILE, config)
         dump_config(config, run_dir / CONFIG_FILE)
-    accelerator.wait_for_everyone()
+    processes.wait_for_everyone()
+
+    mixed_precision = resolve_mixed_precision(t.mixed_precision)
+    accelerator = make_accelerator(
+        mixed_precision,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        log_with=t.trackers or None,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=False),
+    )
+    set_seed(config.run.seed)
+    task = TASKS[config.run.task](config)
     accelerator.print(f"run folder: {run_dir}")
 
     # Checkpoint, tokenizer and data.

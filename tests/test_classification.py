@@ -112,3 +112,11 @@ def test_a_finished_run_is_never_overwritten_silently(trained_lora: Path, tiny_b
     assert main(["train", "classify", *overrides]) == 2
     assert "holds a finished run" in capsys.readouterr().err
     assert (trained_lora / "metrics.json").read_bytes() == before
+
+
+def test_tensorboard_tracker_writes_events(tiny_bert: Path, tmp_path: Path) -> None:
+    data = write_csv(tmp_path / "r.csv", synthetic_reviews(100))
+    overrides = tiny_overrides(tiny_bert, data, tmp_path / "runs", **{"train.epochs": 1, "train.log_every_steps": 2})
+    assert main(["train", "classify", *overrides, "train.trackers=[tensorboard]"]) == 0
+    events = list((tmp_path / "runs" / "tiny" / "logs").rglob("events.out.tfevents.*"))
+    assert events and any(e.stat().st_size > 0 for e in events)
