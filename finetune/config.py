@@ -125,6 +125,8 @@ class TrainConfig:
     warmup_ratio: float = 0.06
     scheduler: Literal["linear", "cosine", "constant"] = "linear"
     max_grad_norm: float | None = 1.0
+    on_nonfinite_loss: Literal["error", "skip"] = "error"
+    """A NaN/inf loss stops the run naming the step (``error``) or skips that batch, counted (``skip``)."""
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     """``auto``: bf16 where the hardware has it (CPUs with AVX512-BF16 or AMX included), else fp32."""
     eval_every_steps: int | None = None
@@ -307,6 +309,11 @@ def _coerce(key: str, annotation: Any, value: Any) -> Any:
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
     if annotation is str:
         if isinstance(value, str):

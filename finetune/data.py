@@ -99,6 +99,8 @@ def load_file(path: Path) -> datasets.Dataset:
             raise DataError(f"{path}: not UTF-8 text (byte {cause.start}); convert it, e.g. "
                             f"iconv -f latin1 -t utf-8") from None
         message = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        if "corresponds to no data" in message:  # what datasets says of a header-only csv
+            raise DataError(f"{path}: no rows") from None
         raise DataError(f"{path}: could not parse as {builder}: {message}") from None
     if len(loaded) == 0:
         raise DataError(f"{path}: no rows")
@@ -116,12 +118,14 @@ def _load_hub(cfg: DataConfig) -> datasets.DatasetDict:
     return loaded
 
 
-def require_columns(dataset: datasets.Dataset, columns: list[str], where: str) -> None:
-    """Raise a DataError naming the missing columns and the ones the data has."""
-    missing = [c for c in columns if c not in dataset.column_names]
+def require_columns(dataset: datasets.Dataset, columns: dict[str, str] | list[str], where: str) -> None:
+    """Raise a DataError naming the missing columns (and the config keys that name them, when
+    ``columns`` maps column -> key) and the columns the data has."""
+    keys = columns if isinstance(columns, dict) else {c: "" for c in columns}
+    missing = [c for c in keys if c not in dataset.column_names]
     if missing:
-        raise DataError(f"{where}: no column {', '.join(repr(c) for c in missing)}; "
-                        f"it has: {', '.join(dataset.column_names)}")
+        named = ", ".join(f"{c!r}" + (f" ({keys[c]})" if keys[c] else "") for c in missing)
+        raise DataError(f"{where}: no column {named}; it has: {', '.join(dataset.column_names)}")
 
 
 def describe_split(raw: datasets.DatasetDict, split: str, cfg: DataConfig) -> str:
