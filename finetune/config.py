@@ -89,7 +89,8 @@ class DataConfig:
     doc_stride: int = 128
     """Question answering: tokens shared by consecutive windows of a context longer than max_length (below it)."""
     on_bad_example: Literal["error", "skip"] = "error"
-    """An example the task rejects (e.g. an answer not at its answer_start): stop with an error, or skip and count it."""
+    """An example the task rejects (e.g. an answer not at its answer_start): stop with an error, or skip and
+    count it."""
 
 
 @dataclass

