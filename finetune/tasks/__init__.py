@@ -5,10 +5,12 @@ from __future__ import annotations
 from finetune.tasks.base import Task
 from finetune.tasks.classification import ClassificationTask
 from finetune.tasks.generation import GenerationTask
+from finetune.tasks.question_answering import QuestionAnsweringTask
 
 TASKS: dict[str, type[Task]] = {
     ClassificationTask.name: ClassificationTask,
     GenerationTask.name: GenerationTask,
+    QuestionAnsweringTask.name: QuestionAnsweringTask,
 }
 
 __all__ = ["TASKS", "Task"]
