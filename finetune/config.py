@@ -76,6 +76,22 @@ class DataConfig:
     max_test_samples: int | None = None
     max_length: int = 128
     """Tokens per example; longer inputs are truncated."""
+    source_lang: str | None = None
+    """Translation: source language code (``en``); the key in ``translation_column`` and the prompt's language."""
+    target_lang: str | None = None
+    """Translation: target language code (``es``)."""
+    translation_column: str = "translation"
+    """Translation: column of ``{source_lang: ..., target_lang: ...}`` pairs (the Hub's usual shape)."""
+    source_column: str | None = None
+    """Translation: a plain column of source texts, instead of ``translation_column`` (with ``target_column``)."""
+    target_column: str | None = None
+    """Translation: a plain column of reference translations (with ``source_column``)."""
+    source_prefix: str | None = None
+    """Translation, encoder-decoder: text put before each source; null: T5's ``translate English to Spanish: ``."""
+    source_lang_code: str | None = None
+    """Translation: the tokenizer's source language token (mBART ``en_XX``, NLLB ``eng_Latn``); null: found."""
+    target_lang_code: str | None = None
+    """Translation: the tokenizer's target language token (forced as first generated token)."""
 
 
 @dataclass
@@ -132,6 +148,10 @@ class EvalConfig:
     batch_size: int = 64
     before_training: bool = False
     """Also evaluate the untouched base model on the test split before training (a zero-shot reference)."""
+    max_new_tokens: int = 128
+    """Generation tasks: cap on generated tokens per example."""
+    num_beams: int = 1
+    """Generation tasks: 1 = greedy decoding, more = beam search."""
 
 
 @dataclass
@@ -337,6 +357,8 @@ def validate(config: Config) -> None:
         need(tracker in ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive"),
              "train.trackers", "a list of accelerate trackers (tensorboard, wandb, mlflow, ...)", tracker)
     need(config.eval.batch_size > 0, "eval.batch_size", "> 0", config.eval.batch_size)
+    need(config.eval.max_new_tokens > 0, "eval.max_new_tokens", "> 0", config.eval.max_new_tokens)
+    need(config.eval.num_beams > 0, "eval.num_beams", "> 0", config.eval.num_beams)
     TASKS[config.run.task].validate_config(config)
 
 

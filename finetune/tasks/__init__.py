@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from finetune.tasks.base import Task
 from finetune.tasks.classification import ClassificationTask
+from finetune.tasks.translation import TranslationTask
 
 TASKS: dict[str, type[Task]] = {
     ClassificationTask.name: ClassificationTask,
+    TranslationTask.name: TranslationTask,
 }
 
 __all__ = ["TASKS", "Task"]
