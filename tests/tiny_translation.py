@@ -116,7 +116,8 @@ def build_tiny_bart(folder: Path) -> Path:
                         encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
                         max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        decoder_start_token_id=tokenizer.eos_token_id, forced_bos_token_id=tokenizer.bos_token_id)
+                        decoder_start_token_id=tokenizer.eos_token_id, forced_bos_token_id=tokenizer.bos_token_id,
+                        init_std=1.0)  # large random weights: greedy outputs that differ between inputs
     torch.manual_seed(0)
     return _save_model(BartForConditionalGeneration(config), folder)
 
@@ -136,7 +137,8 @@ def build_tiny_llama(folder: Path) -> Path:
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                         bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=True)
+                         bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=True,
+                         initializer_range=0.3)  # large random weights: greedy outputs that differ between inputs
     torch.manual_seed(0)
     return _save_model(LlamaForCausalLM(config), folder)
 

@@ -136,7 +136,8 @@ class TranslationTask(Task):
             names = (f"column {d.source_column!r}", f"column {d.target_column!r}")
         else:
             require_columns(dataset, [d.translation_column], where)
-            languages = _languages(dataset.features[d.translation_column])
+            pairs = dataset[d.translation_column]
+            languages = _languages(dataset.features[d.translation_column], pairs)
             if languages is None:
                 raise DataError(f"{where}: column {d.translation_column!r} (data.translation_column) must hold "
                                 f"{{language: text}} pairs such as {{{d.source_lang!r}: ..., {d.target_lang!r}: ...}}; "
@@ -146,7 +147,6 @@ class TranslationTask(Task):
                 if lang not in languages:
                     raise DataError(f"{where}: column {d.translation_column!r} has no language {lang!r} ({key}); "
                                     f"its languages: {', '.join(languages)}")
-            pairs = dataset[d.translation_column]
             sources = [pair.get(d.source_lang) if pair else None for pair in pairs]
             targets = [pair.get(d.target_lang) if pair else None for pair in pairs]
             names = (f"{d.translation_column}.{d.source_lang}", f"{d.translation_column}.{d.target_lang}")
@@ -399,13 +399,16 @@ class TranslationTask(Task):
         return [{**item, "translation": hyp} for item, hyp in zip(inputs, hypotheses)]
 
 
-def _languages(feature: Any) -> list[str] | None:
-    """Language keys of a pairs column: a ``Translation`` feature or a struct of strings; else None."""
+def _languages(feature: Any, pairs: list[Any]) -> list[str] | None:
+    """Language keys of a pairs column (a ``Translation`` feature, a struct, or JSON objects whose keys
+    vary between rows: the union, in order of appearance); None when it does not hold pairs."""
     if isinstance(feature, datasets.Translation):
         return list(feature.languages)
     if isinstance(feature, dict):
         return list(feature)
-    return None
+    if not all(pair is None or isinstance(pair, dict) for pair in pairs):
+        return None
+    return list(dict.fromkeys(key for pair in pairs if pair for key in pair))
 
 
 def _language_token(tokenizer: PreTrainedTokenizerBase, lang: str, key: str) -> str:
