@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{field.replace('_', '-')}", action="append", help=f"{about} (repeatable)")
     p.add_argument("--input", type=Path, help="csv/json/jsonl/parquet/txt file of inputs, one per row")
     p.add_argument("--output", type=Path, help="write predictions as jsonl here (default: stdout)")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="write generated tokens to stderr as they come (default: when stderr is a terminal); "
+                        "the JSON rows still go to stdout or --output")
     p.set_defaults(handler=cmd_predict)
 
     p = sub.add_parser("recipes", parents=[common], help="list the shipped recipes")
@@ -136,6 +139,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     inputs = read_inputs(args)
     run = load_run(args.run_dir)
+    if args.stream or (args.stream is None and sys.stderr.isatty()):
+        run.task.stream = sys.stderr
     predictions = run.task.predict(run.model, run.tokenizer, inputs)
     out = args.output.open("w", encoding="utf-8") if args.output else sys.stdout
     try:

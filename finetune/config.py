@@ -76,6 +76,26 @@ class DataConfig:
     max_test_samples: int | None = None
     max_length: int = 128
     """Tokens per example; longer inputs are truncated."""
+    shape: Literal["auto", "text", "prompt_response", "messages"] = "auto"
+    """Generation: plain ``text`` (language modelling), ``prompt_response`` pairs or chat ``messages`` lists
+    (supervised fine-tuning); ``auto`` picks from the columns: messages, else prompt + response, else text."""
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    messages_column: str = "messages"
+    """Generation: a list of ``{role, content}`` turns; the last (assistant) turn is the response."""
+    use_chat_template: bool = True
+    """Generation: format prompts with the tokenizer's chat template when it has one (else ``prompt_template``)."""
+    system_prompt: str | None = None
+    """Generation with a chat template: a system turn put before each prompt; null keeps the template's
+    own default (some templates insert a long one: a short one saves tokens on every sample)."""
+    prompt_template: str = "### Prompt:\n{prompt}\n### Response:\n"
+    """Generation without a chat template: the text the response follows; ``{prompt}`` is replaced."""
+    packing: bool = False
+    """Generation SFT: pack several training samples into each row of up to ``max_length`` tokens; attention
+    and positions stay inside each sample. Plain text is always concatenated and cut into blocks."""
+    overlength: Literal["truncate", "drop"] = "truncate"
+    """Generation SFT samples longer than ``max_length``: ``truncate`` (the prompt loses its start, the
+    response its end; EOS is kept only with a whole response) or ``drop``; counted in the log."""
     source_lang: str | None = None
     """Translation: source language code (``en``); the key in ``translation_column`` and the prompt's language."""
     target_lang: str | None = None
@@ -148,10 +168,16 @@ class EvalConfig:
     batch_size: int = 64
     before_training: bool = False
     """Also evaluate the untouched base model on the test split before training (a zero-shot reference)."""
-    max_new_tokens: int = 128
-    """Generation tasks: cap on generated tokens per example."""
+    generate_samples: int = 32
+    """Generation: held-out test prompts to generate for (the first N of the test split); 0 skips generation."""
+    max_new_tokens: int = 64
+    """Generation and translation: cap on new tokens per generated answer."""
+    do_sample: bool = False
+    """Generation: sample (with ``temperature`` and ``top_p``) instead of greedy decoding."""
+    temperature: float = 1.0
+    top_p: float = 1.0
     num_beams: int = 1
-    """Generation tasks: 1 = greedy decoding, more = beam search."""
+    """Translation: 1 = greedy decoding, more = beam search."""
 
 
 @dataclass
@@ -357,8 +383,6 @@ def validate(config: Config) -> None:
         need(tracker in ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive"),
              "train.trackers", "a list of accelerate trackers (tensorboard, wandb, mlflow, ...)", tracker)
     need(config.eval.batch_size > 0, "eval.batch_size", "> 0", config.eval.batch_size)
-    need(config.eval.max_new_tokens > 0, "eval.max_new_tokens", "> 0", config.eval.max_new_tokens)
-    need(config.eval.num_beams > 0, "eval.num_beams", "> 0", config.eval.num_beams)
     TASKS[config.run.task].validate_config(config)
 
 

