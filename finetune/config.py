@@ -111,6 +111,22 @@ class DataConfig:
     on_bad_example: Literal["error", "skip"] = "error"
     """An example the task rejects (e.g. an answer not at its answer_start): stop with an error, or skip and
     count it."""
+    source_lang: str | None = None
+    """Translation: source language code (``en``); the key in ``translation_column`` and the prompt's language."""
+    target_lang: str | None = None
+    """Translation: target language code (``es``)."""
+    translation_column: str = "translation"
+    """Translation: column of ``{source_lang: ..., target_lang: ...}`` pairs (the Hub's usual shape)."""
+    source_column: str | None = None
+    """Translation: a plain column of source texts, instead of ``translation_column`` (with ``target_column``)."""
+    target_column: str | None = None
+    """Translation: a plain column of reference translations (with ``source_column``)."""
+    source_prefix: str | None = None
+    """Translation, encoder-decoder: text put before each source; null: T5's ``translate English to Spanish: ``."""
+    source_lang_code: str | None = None
+    """Translation: the tokenizer's source language token (mBART ``en_XX``, NLLB ``eng_Latn``); null: found."""
+    target_lang_code: str | None = None
+    """Translation: the tokenizer's target language token (forced as first generated token)."""
 
 
 @dataclass
@@ -172,7 +188,7 @@ class EvalConfig:
     generate_samples: int = 32
     """Generation: held-out test prompts to generate for (the first N of the test split); 0 skips generation."""
     max_new_tokens: int = 64
-    """Generation: cap on new tokens per generated answer."""
+    """Generation and translation: cap on new tokens per generated answer."""
     do_sample: bool = False
     """Generation: sample (with ``temperature`` and ``top_p``) instead of greedy decoding."""
     temperature: float = 1.0
@@ -184,6 +200,8 @@ class EvalConfig:
     null_score_threshold: float = 0.0
     """Question answering with unanswerable questions: answer nothing when the no-answer score beats the
     best span's by more than this (raise it to answer less often)."""
+    num_beams: int = 1
+    """Translation: 1 = greedy decoding, more = beam search."""
 
 
 @dataclass
