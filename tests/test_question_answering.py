@@ -272,9 +272,13 @@ def test_question_too_long_for_the_window_is_an_error(minilm_tokenizer) -> None:
         featurize(task, [example("q", "Paris is in France.", long_question, "France")], minilm_tokenizer)
 
 
-def test_doc_stride_must_be_below_max_length() -> None:
-    with pytest.raises(ConfigError, match="data.doc_stride"):
-        load_config(RECIPE, ["data.max_length=64", "data.doc_stride=64"])
+@pytest.mark.parametrize("override,key", [("data.doc_stride=64", "data.doc_stride"),
+                                          ("eval.n_best_size=0", "eval.n_best_size"),
+                                          ("eval.max_answer_length=0", "eval.max_answer_length"),
+                                          ("data.on_bad_example=ignore", "data.on_bad_example")])
+def test_qa_settings_are_validated(override: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        load_config(RECIPE, ["data.max_length=64", override])
 
 
 # --- data layouts ---------------------------------------------------------------------------------------
