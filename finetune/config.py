@@ -199,7 +199,7 @@ class EvalConfig:
     """Question answering: the longest answer span, in tokens."""
     null_score_threshold: float = 0.0
     """Question answering with unanswerable questions: answer nothing when the no-answer score beats the
-    best span's by more than this (raise it to answer less often)."""
+    best span's by more than this (raise it for fewer empty answers)."""
     num_beams: int = 1
     """Translation: 1 = greedy decoding, more = beam search."""
 

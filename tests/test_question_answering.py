@@ -272,9 +272,13 @@ def test_question_too_long_for_the_window_is_an_error(minilm_tokenizer) -> None:
         featurize(task, [example("q", "Paris is in France.", long_question, "France")], minilm_tokenizer)
 
 
-def test_doc_stride_must_be_below_max_length() -> None:
-    with pytest.raises(ConfigError, match="data.doc_stride"):
-        load_config(RECIPE, ["data.max_length=64", "data.doc_stride=64"])
+@pytest.mark.parametrize("override,key", [("data.doc_stride=64", "data.doc_stride"),
+                                          ("eval.n_best_size=0", "eval.n_best_size"),
+                                          ("eval.max_answer_length=0", "eval.max_answer_length"),
+                                          ("data.on_bad_example=ignore", "data.on_bad_example")])
+def test_qa_settings_are_validated(override: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        load_config(RECIPE, ["data.max_length=64", override])
 
 
 # --- data layouts ---------------------------------------------------------------------------------------
@@ -367,10 +371,11 @@ def test_pipeline_trains_saves_the_head_and_predicts(tmp_path: Path, tiny_bert: 
 
 @pytest.mark.real
 def test_minilm_learns_country_facts_well_above_the_baseline(tmp_path: Path) -> None:
-    """50 LoRA steps on 800 questions: test F1 rises clearly above the overlap baseline (about 40)."""
+    """75 LoRA steps on 1,200 questions: test F1 rises clearly above the overlap baseline (about 40).
+    The learning rate stays constant: decayed over so few steps, LoRA stops before F1 takes off."""
     pytest.importorskip("countrystatecity_countries")
-    overrides = ["data.max_train_samples=800", "data.max_eval_samples=64", "data.max_test_samples=160",
-                 "data.max_length=192", "data.doc_stride=64", "train.eval_every_steps=null",
+    overrides = ["data.max_train_samples=1200", "data.max_eval_samples=64", "data.max_test_samples=160",
+                 "train.scheduler=constant", "train.eval_every_steps=null",
                  f"run.output_dir={tmp_path}", "run.name=real"]
     assert main(["train", "qa", *overrides]) == 0
     metrics = json.loads((tmp_path / "real" / "metrics.json").read_text())

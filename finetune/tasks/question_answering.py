@@ -62,8 +62,8 @@ class QuestionAnsweringTask(Task):
 
     def __init__(self, config: Config):
         super().__init__(config)
+        # Whether questions may have no answer (SQuAD v2): from the recipe, else the data, else the run folder.
         self.unanswerable: bool | None = config.data.unanswerable
-        """Whether questions may have no answer (SQuAD v2); decided from the data when the recipe leaves it null."""
         self.skipped: dict[str, int] = {}
         self.window_counts: dict[str, int] = {}
 
