@@ -165,7 +165,7 @@ class TranslationTask(Task):
             for row, text in enumerate(texts):
                 if not isinstance(text, str) or not text.strip():
                     label = f"row {row + 1}" + (f" (id {ids[row]})" if "id" in dataset.column_names else "")
-                    state = "missing" if text is None else "empty"
+                    state = "missing" if text is None else "empty" if isinstance(text, str) else "non-text"
                     raise DataError(f"{where}: {label}: {state} text in {name} ({text!r}); every pair needs "
                                     f"both sides")
         return datasets.Dataset.from_dict({"id": ids, "source": [s.strip() for s in sources],
