@@ -20,7 +20,8 @@ import datasets
 import numpy as np
 import torch
 from accelerate import PartialState
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list, set_seed
+from accelerate.utils import (DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list,
+                               parse_flag_from_env, set_seed)
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_scheduler
@@ -117,7 +118,9 @@ def train(config: Config, recipe_name: str, overwrite: bool = False, resume: str
     """Train, evaluate on the test split, and write the run folder. Returns the run folder."""
     t = config.train
     # The process group first: every process must agree on the run folder before anything is written.
-    processes = PartialState()
+    # cpu=: PartialState, unlike Accelerator, does not read ACCELERATE_USE_CPU itself (accelerate 1.15), and
+    # without it a torchrun launch on CPUs is a single process each.
+    processes = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != processes.num_processes:
         # e.g. `accelerate launch --multi_gpu` on a machine without GPUs: every process would train alone
