@@ -96,6 +96,37 @@ class DataConfig:
     overlength: Literal["truncate", "drop"] = "truncate"
     """Generation SFT samples longer than ``max_length``: ``truncate`` (the prompt loses its start, the
     response its end; EOS is kept only with a whole response) or ``drop``; counted in the log."""
+    question_column: str = "question"
+    """Question answering: the question."""
+    context_column: str = "context"
+    """Question answering: the passage that holds the answer."""
+    answers_column: str = "answers"
+    """Question answering: SQuAD-form answers ``{text: [...], answer_start: [...]}`` (character offsets)."""
+    id_column: str | None = "id"
+    """Question answering: a unique id per example; null numbers the rows."""
+    unanswerable: bool | None = None
+    """Question answering: questions may have no answer (SQuAD v2); null: yes when the data has one."""
+    doc_stride: int = 128
+    """Question answering: tokens shared by consecutive windows of a context longer than max_length (below it)."""
+    on_bad_example: Literal["error", "skip"] = "error"
+    """An example the task rejects (e.g. an answer not at its answer_start): stop with an error, or skip and
+    count it."""
+    source_lang: str | None = None
+    """Translation: source language code (``en``); the key in ``translation_column`` and the prompt's language."""
+    target_lang: str | None = None
+    """Translation: target language code (``es``)."""
+    translation_column: str = "translation"
+    """Translation: column of ``{source_lang: ..., target_lang: ...}`` pairs (the Hub's usual shape)."""
+    source_column: str | None = None
+    """Translation: a plain column of source texts, instead of ``translation_column`` (with ``target_column``)."""
+    target_column: str | None = None
+    """Translation: a plain column of reference translations (with ``source_column``)."""
+    source_prefix: str | None = None
+    """Translation, encoder-decoder: text put before each source; null: T5's ``translate English to Spanish: ``."""
+    source_lang_code: str | None = None
+    """Translation: the tokenizer's source language token (mBART ``en_XX``, NLLB ``eng_Latn``); null: found."""
+    target_lang_code: str | None = None
+    """Translation: the tokenizer's target language token (forced as first generated token)."""
 
 
 @dataclass
@@ -157,11 +188,20 @@ class EvalConfig:
     generate_samples: int = 32
     """Generation: held-out test prompts to generate for (the first N of the test split); 0 skips generation."""
     max_new_tokens: int = 64
-    """Generation: cap on new tokens per generated answer."""
+    """Generation and translation: cap on new tokens per generated answer."""
     do_sample: bool = False
     """Generation: sample (with ``temperature`` and ``top_p``) instead of greedy decoding."""
     temperature: float = 1.0
     top_p: float = 1.0
+    n_best_size: int = 20
+    """Question answering: start and end candidates per window considered for the answer span."""
+    max_answer_length: int = 30
+    """Question answering: the longest answer span, in tokens."""
+    null_score_threshold: float = 0.0
+    """Question answering with unanswerable questions: answer nothing when the no-answer score beats the
+    best span's by more than this (raise it to answer less often)."""
+    num_beams: int = 1
+    """Translation: 1 = greedy decoding, more = beam search."""
 
 
 @dataclass
@@ -342,6 +382,7 @@ def validate(config: Config) -> None:
     need(d.validation_size + d.test_size < 1, "data.test_size", "such that validation_size + test_size < 1",
          d.test_size)
     need(d.max_length >= 8, "data.max_length", ">= 8", d.max_length)
+    need(d.doc_stride >= 0, "data.doc_stride", ">= 0", d.doc_stride)
     for key in ("max_train_samples", "max_eval_samples", "max_test_samples"):
         value = getattr(d, key)
         need(value is None or value > 0, f"data.{key}", "a positive integer or null", value)
@@ -372,6 +413,8 @@ def validate(config: Config) -> None:
         need(tracker in ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive"),
              "train.trackers", "a list of accelerate trackers (tensorboard, wandb, mlflow, ...)", tracker)
     need(config.eval.batch_size > 0, "eval.batch_size", "> 0", config.eval.batch_size)
+    need(config.eval.n_best_size > 0, "eval.n_best_size", "> 0", config.eval.n_best_size)
+    need(config.eval.max_answer_length > 0, "eval.max_answer_length", "> 0", config.eval.max_answer_length)
     TASKS[config.run.task].validate_config(config)
 
 

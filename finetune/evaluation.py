@@ -60,8 +60,9 @@ def eval_dataloader(task: Task, features: datasets.Dataset, tokenizer: PreTraine
 
 
 def evaluate(task: Task, model: torch.nn.Module, dataloader: DataLoader, accelerator: Accelerator,
-             examples: datasets.Dataset, features: datasets.Dataset) -> EvalResult:
+             examples: datasets.Dataset, features: datasets.Dataset, split: str = "test") -> EvalResult:
     """Run the task's eval step over a prepared dataloader; metrics count each feature once."""
+    task.begin_evaluation(split)
     model.eval()
     collected: dict[str, list[np.ndarray]] = {}
     started = time.perf_counter()
@@ -125,4 +126,4 @@ def evaluate_run(run, split: str = "test", file=None) -> EvalResult:
     accelerator = make_accelerator(config.train.mixed_precision)
     model, dataloader = accelerator.prepare(run.model, eval_dataloader(task, features, run.tokenizer,
                                                                        config.eval.batch_size))
-    return evaluate(task, model, dataloader, accelerator, examples, features)
+    return evaluate(task, model, dataloader, accelerator, examples, features, split=str(file or split))

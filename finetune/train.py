@@ -220,7 +220,8 @@ def train(config: Config, recipe_name: str, overwrite: bool = False, resume: str
 
     def run_validation() -> None:
         """Evaluate on validation, log, keep the best weights, count patience."""
-        result = evaluate(task, model, valid_dl, accelerator, splits["validation"], features["validation"])
+        result = evaluate(task, model, valid_dl, accelerator, splits["validation"], features["validation"],
+                          split="validation")
         value = float(result.metrics[t.metric_for_best])
         improved = state.best_metric is None or (value > state.best_metric if higher_is_better
                                                  else value < state.best_metric)

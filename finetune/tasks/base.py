@@ -89,6 +89,10 @@ class Task:
         """Read back what :meth:`save_artifacts` wrote."""
 
     # --- evaluation ------------------------------------------------------------------------------
+    def begin_evaluation(self, split: str) -> None:
+        """Called before each evaluation pass with what is evaluated (``validation``, ``test`` or a file
+        name), so that a task can skip costly work where nothing needs it (e.g. generation)."""
+
     def eval_step(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Per-example outputs of one batch (first dimension = examples); must include ``loss``
         (per-example loss) when the task has one. Tensors of rank >= 2 are padded across processes."""
