@@ -58,8 +58,12 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainerState
     """Write a resumable checkpoint atomically and keep only the newest ``keep``."""
     final = run_dir / CHECKPOINTS_DIR / f"step-{state.global_step:08d}"
     tmp = final.with_name(final.name + ".tmp")
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
+    if accelerator.is_main_process:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        # Created before the barrier: save_state writes each process's RNG state into it, and only the
+        # main process would create it (a race other processes lose).
+        tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     if accelerator.is_main_process:

@@ -118,7 +118,8 @@ def train(config: Config, recipe_name: str, overwrite: bool = False, resume: str
     """Train, evaluate on the test split, and write the run folder. Returns the run folder."""
     t = config.train
     # The process group first: every process must agree on the run folder before anything is written.
-    # (AcceleratorState honours ACCELERATE_USE_CPU; a bare PartialState does not, so pass it on.)
+    # cpu=: PartialState, unlike Accelerator, does not read ACCELERATE_USE_CPU itself (accelerate 1.15), and
+    # without it a torchrun launch on CPUs is a single process each.
     processes = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != processes.num_processes:

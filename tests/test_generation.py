@@ -337,7 +337,8 @@ def test_plain_text_language_modelling(tmp_path, tiny_llama_dir):
     story = "once upon a time there was a little cat who liked to sleep in the sun all day long.\n"
     text = tmp_path / "story.txt"
     text.write_text((story + "\n") * 60, encoding="utf-8")
-    result = run_cli("train", "generate-text", f"model.name_or_path={tiny_llama_dir}", f"data.train_file={text}",
+    result = run_cli("train", "generate-text", f"model.name_or_path={tiny_llama_dir}", "data.source=files",
+                     f"data.train_file={text}", "data.text_column=text",
                      "data.max_length=32", "lora.method=full", "train.epochs=2", "train.learning_rate=0.003",
                      "train.mixed_precision=no", f"run.output_dir={tmp_path}", "run.name=text", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
