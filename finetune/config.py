@@ -96,6 +96,21 @@ class DataConfig:
     overlength: Literal["truncate", "drop"] = "truncate"
     """Generation SFT samples longer than ``max_length``: ``truncate`` (the prompt loses its start, the
     response its end; EOS is kept only with a whole response) or ``drop``; counted in the log."""
+    question_column: str = "question"
+    """Question answering: the question."""
+    context_column: str = "context"
+    """Question answering: the passage that holds the answer."""
+    answers_column: str = "answers"
+    """Question answering: SQuAD-form answers ``{text: [...], answer_start: [...]}`` (character offsets)."""
+    id_column: str | None = "id"
+    """Question answering: a unique id per example; null numbers the rows."""
+    unanswerable: bool | None = None
+    """Question answering: questions may have no answer (SQuAD v2); null: yes when the data has one."""
+    doc_stride: int = 128
+    """Question answering: tokens shared by consecutive windows of a context longer than max_length (below it)."""
+    on_bad_example: Literal["error", "skip"] = "error"
+    """An example the task rejects (e.g. an answer not at its answer_start): stop with an error, or skip and
+    count it."""
     source_lang: str | None = None
     """Translation: source language code (``en``); the key in ``translation_column`` and the prompt's language."""
     target_lang: str | None = None
@@ -141,6 +156,8 @@ class TrainConfig:
     warmup_ratio: float = 0.06
     scheduler: Literal["linear", "cosine", "constant"] = "linear"
     max_grad_norm: float | None = 1.0
+    on_nonfinite_loss: Literal["error", "skip"] = "error"
+    """A NaN/inf loss stops the run naming the step (``error``) or skips that batch, counted (``skip``)."""
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     """``auto``: bf16 where the hardware has it (CPUs with AVX512-BF16 or AMX included), else fp32."""
     eval_every_steps: int | None = None
@@ -176,6 +193,13 @@ class EvalConfig:
     """Generation: sample (with ``temperature`` and ``top_p``) instead of greedy decoding."""
     temperature: float = 1.0
     top_p: float = 1.0
+    n_best_size: int = 20
+    """Question answering: start and end candidates per window considered for the answer span."""
+    max_answer_length: int = 30
+    """Question answering: the longest answer span, in tokens."""
+    null_score_threshold: float = 0.0
+    """Question answering with unanswerable questions: answer nothing when the no-answer score beats the
+    best span's by more than this (raise it for fewer empty answers)."""
     num_beams: int = 1
     """Translation: 1 = greedy decoding, more = beam search."""
 
@@ -325,6 +349,11 @@ def _coerce(key: str, annotation: Any, value: Any) -> Any:
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
     if annotation is str:
         if isinstance(value, str):
@@ -353,6 +382,7 @@ def validate(config: Config) -> None:
     need(d.validation_size + d.test_size < 1, "data.test_size", "such that validation_size + test_size < 1",
          d.test_size)
     need(d.max_length >= 8, "data.max_length", ">= 8", d.max_length)
+    need(d.doc_stride >= 0, "data.doc_stride", ">= 0", d.doc_stride)
     for key in ("max_train_samples", "max_eval_samples", "max_test_samples"):
         value = getattr(d, key)
         need(value is None or value > 0, f"data.{key}", "a positive integer or null", value)
@@ -383,6 +413,8 @@ def validate(config: Config) -> None:
         need(tracker in ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive"),
              "train.trackers", "a list of accelerate trackers (tensorboard, wandb, mlflow, ...)", tracker)
     need(config.eval.batch_size > 0, "eval.batch_size", "> 0", config.eval.batch_size)
+    need(config.eval.n_best_size > 0, "eval.n_best_size", "> 0", config.eval.n_best_size)
+    need(config.eval.max_answer_length > 0, "eval.max_answer_length", "> 0", config.eval.max_answer_length)
     TASKS[config.run.task].validate_config(config)
 
 

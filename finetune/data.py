@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
 import logging
 import os
 from pathlib import Path
@@ -87,6 +88,10 @@ def load_file(path: Path) -> datasets.Dataset:
         raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(FILE_BUILDERS)}")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: the file is empty")
+    if path.suffix.lower() == ".json":
+        squad = _read_squad_layout(path)
+        if squad is not None:
+            return squad
     kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
     try:
         loaded = datasets.load_dataset(builder, data_files={"data": str(path.resolve())}, split="data", **kwargs)
@@ -99,10 +104,58 @@ def load_file(path: Path) -> datasets.Dataset:
             raise DataError(f"{path}: not UTF-8 text (byte {cause.start}); convert it, e.g. "
                             f"iconv -f latin1 -t utf-8") from None
         message = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        if "corresponds to no data" in message:  # what datasets says of a header-only csv
+            raise DataError(f"{path}: no rows") from None
         raise DataError(f"{path}: could not parse as {builder}: {message}") from None
     if len(loaded) == 0:
         raise DataError(f"{path}: no rows")
     return loaded
+
+
+def _read_squad_layout(path: Path) -> datasets.Dataset | None:
+    """A .json file in the SQuAD layout (``data -> paragraphs -> qas``) flattened to one row per question
+    (``id, title, context, question, answers {text, answer_start}``); None for any other JSON shape."""
+    with path.open("rb") as handle:
+        if not handle.read(4096).lstrip().startswith(b"{"):
+            return None  # a JSON array: records, not the SQuAD layout
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        return None  # load_file reports the encoding
+    except ValueError:
+        return None  # JSON lines in a .json file, or malformed: the json builder reports it
+    articles = document.get("data") if isinstance(document, dict) else None
+    if not (isinstance(articles, list) and articles and isinstance(articles[0], dict)
+            and "paragraphs" in articles[0]):
+        return None
+    rows = []
+    for a, article in enumerate(articles):
+        for p, paragraph in enumerate(article.get("paragraphs") or []):
+            where = f"{path}: data[{a}].paragraphs[{p}]"
+            if not isinstance(paragraph, dict) or not isinstance(paragraph.get("context"), str):
+                raise DataError(f"{where}: a paragraph needs a 'context' string")
+            for q, qa in enumerate(paragraph.get("qas") or []):
+                if not isinstance(qa, dict) or "id" not in qa or "question" not in qa:
+                    raise DataError(f"{where}.qas[{q}]: a question needs 'id' and 'question'")
+                # SQuAD v2 marks unanswerable questions with is_impossible (their answers list is empty).
+                answers = [] if qa.get("is_impossible") else qa.get("answers") or []
+                if not all(isinstance(x, dict) and "text" in x and "answer_start" in x for x in answers):
+                    raise DataError(f"{where}.qas[{q}] (id {qa['id']}): each answer needs 'text' and 'answer_start'")
+                rows.append({"id": str(qa["id"]), "title": str(article.get("title") or ""),
+                             "context": paragraph["context"], "question": qa["question"],
+                             "answers": {"text": [x["text"] for x in answers],
+                                         "answer_start": [x["answer_start"] for x in answers]}})
+    if not rows:
+        raise DataError(f"{path}: SQuAD layout without any question")
+    features = datasets.Features({
+        "id": datasets.Value("string"), "title": datasets.Value("string"), "context": datasets.Value("string"),
+        "question": datasets.Value("string"),
+        "answers": {"text": datasets.List(datasets.Value("string")),
+                    "answer_start": datasets.List(datasets.Value("int32"))}})
+    try:
+        return datasets.Dataset.from_list(rows, features=features)
+    except (TypeError, ValueError) as exc:  # e.g. an answer_start that is not a number
+        raise DataError(f"{path}: SQuAD layout with a value of the wrong type: {exc}") from None
 
 
 def _load_hub(cfg: DataConfig) -> datasets.DatasetDict:
@@ -116,12 +169,14 @@ def _load_hub(cfg: DataConfig) -> datasets.DatasetDict:
     return loaded
 
 
-def require_columns(dataset: datasets.Dataset, columns: list[str], where: str) -> None:
-    """Raise a DataError naming the missing columns and the ones the data has."""
-    missing = [c for c in columns if c not in dataset.column_names]
+def require_columns(dataset: datasets.Dataset, columns: dict[str, str] | list[str], where: str) -> None:
+    """Raise a DataError naming the missing columns (and the config keys that name them, when
+    ``columns`` maps column -> key) and the columns the data has."""
+    keys = columns if isinstance(columns, dict) else {c: "" for c in columns}
+    missing = [c for c in keys if c not in dataset.column_names]
     if missing:
-        raise DataError(f"{where}: no column {', '.join(repr(c) for c in missing)}; "
-                        f"it has: {', '.join(dataset.column_names)}")
+        named = ", ".join(f"{c!r}" + (f" ({keys[c]})" if keys[c] else "") for c in missing)
+        raise DataError(f"{where}: no column {named}; it has: {', '.join(dataset.column_names)}")
 
 
 def describe_split(raw: datasets.DatasetDict, split: str, cfg: DataConfig) -> str:

@@ -21,3 +21,7 @@ class ModelError(FinetuneError):
 
 class RunFolderError(FinetuneError):
     """A run folder that would be overwritten or is not a finished run."""
+
+
+class HubError(FinetuneError):
+    """A push to or a pull from the Hugging Face Hub that failed (token, network, repo)."""

@@ -27,20 +27,36 @@ class EvalResult:
     predictions: list[dict[str, Any]] = field(default_factory=list)
 
 
+class LengthSortedBatches:
+    """Batches of feature indices, longest first (memory peaks at once, little padding). All batches
+    are full but the last, and ``batch_size`` is exposed, which is what accelerate needs to shard
+    them and to drop the examples it repeats to even out the last round (``gather_for_metrics``)."""
+
+    drop_last = False
+
+    def __init__(self, lengths: list[int], batch_size: int):
+        self.order = np.argsort(-np.asarray(lengths), kind="stable").tolist()
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.order) // self.batch_size)
+
+    def __iter__(self):
+        for start in range(0, len(self.order), self.batch_size):
+            yield self.order[start:start + self.batch_size]
+
+
 def eval_dataloader(task: Task, features: datasets.Dataset, tokenizer: PreTrainedTokenizerBase,
                     batch_size: int) -> DataLoader:
-    """Batches of similar length (longest first, so memory peaks at once); each batch carries the
-    feature indices so outputs can be put back in dataset order."""
+    """Length-sorted batches; each carries its feature indices so outputs go back in dataset order."""
     indexed = features.add_column(INDEX, list(range(len(features))))
-    order = np.argsort(-np.asarray(features["length"]), kind="stable").tolist()
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
     def collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = task.collate(rows, tokenizer)
         batch[INDEX] = torch.tensor([row[INDEX] for row in rows], dtype=torch.long)
         return batch
 
-    return DataLoader(indexed, batch_sampler=batches, collate_fn=collate)
+    return DataLoader(indexed, batch_sampler=LengthSortedBatches(features["length"], batch_size), collate_fn=collate)
 
 
 def evaluate(task: Task, model: torch.nn.Module, dataloader: DataLoader, accelerator: Accelerator,
@@ -61,11 +77,26 @@ def evaluate(task: Task, model: torch.nn.Module, dataloader: DataLoader, acceler
                 collected.setdefault(key, []).append(accelerator.gather_for_metrics(value).cpu().numpy())
     model.train()
     merged = {key: _concatenate(parts, task_pad_value(task, key)) for key, parts in collected.items()}
-    order = np.argsort(merged.pop(INDEX), kind="stable")
-    merged = {key: value[order] for key, value in merged.items()}
+    # Feature order, each feature once: np.unique keeps the first copy should a repeated example
+    # that evened out the last round across processes ever survive the gathering.
+    index, first = np.unique(merged.pop(INDEX), return_index=True)
+    if len(index) != len(features):
+        raise RuntimeError(f"evaluation gathered {len(index)} of {len(features)} features")
+    merged = {key: value[first] for key, value in merged.items()}
     metrics, predictions = task.compute_metrics(merged, examples, features)
     metrics["eval_seconds"] = round(time.perf_counter() - started, 3)
     return EvalResult(metrics, predictions)
+
+
+def make_accelerator(mixed_precision: str, **kwargs: Any) -> Accelerator:
+    """A fresh Accelerator. Accelerate keeps its settings in process-wide singletons that refuse a second
+    mixed-precision mode, so a second run in one process (tests, notebooks) clears them first; the
+    process group of a distributed launch (PartialState) is kept."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    return Accelerator(mixed_precision=resolve_mixed_precision(mixed_precision), **kwargs)
 
 
 def task_pad_value(task: Task, key: str) -> float:
@@ -92,7 +123,7 @@ def evaluate_run(run, split: str = "test", file=None) -> EvalResult:
     else:
         examples = load_splits(task, config)[split]
     features = task.preprocess(examples, run.tokenizer, split)
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(config.train.mixed_precision))
+    accelerator = make_accelerator(config.train.mixed_precision)
     model, dataloader = accelerator.prepare(run.model, eval_dataloader(task, features, run.tokenizer,
                                                                        config.eval.batch_size))
     return evaluate(task, model, dataloader, accelerator, examples, features, split=str(file or split))

@@ -138,9 +138,9 @@ def dequantize_gguf(gguf_path: Path) -> Path:
     """A plain fp32 HF folder (config, safetensors, tokenizer) for a GGUF file, converted once.
 
     The cache folder is named by the file's name and content hash: a changed file is converted
-    anew, the same file is never converted twice. Concurrent runs (several processes, or two jobs) take a file lock: one converts into a
-    temporary folder renamed into place when complete, the others wait and reuse it; a crash
-    leaves only a temporary folder, never a half-written cache entry."""
+    anew, the same file is never converted twice. Concurrent runs (several processes, or two jobs)
+    take a file lock: one converts into a temporary folder renamed into place when complete, the
+    others wait and reuse it; a crash leaves only a temporary folder, never a half-written entry."""
     from filelock import FileLock
 
     from finetune.data import cache_root  # late: data imports the builtin registry

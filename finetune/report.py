@@ -12,6 +12,7 @@ from finetune.config import Config
 PREDICTIONS_FILE = "predictions_test.jsonl"
 CURVE_FILE = "curves.png"
 CARD_FILE = "README.md"
+SOURCE_FILE = "source.json"
 
 
 def flatten(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -22,7 +23,8 @@ def flatten(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         if isinstance(value, dict):
             flat.update(flatten(value, f"{name}."))
         else:
-            flat[name] = value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
+            # trackers (tensorboard's hparams) take numbers, strings and booleans only
+            flat[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
     return flat
 
 
@@ -61,7 +63,7 @@ def write_run(run_dir: Path, config: Config, task: Any, result: Any, summary: di
     """Predictions, curve, model card, and last ``metrics.json`` (its presence marks a finished run)."""
     write_predictions(run_dir / PREDICTIONS_FILE, result.predictions)
     plot_curves(read_log(run_dir / "train_log.jsonl"), run_dir / CURVE_FILE, config.train.metric_for_best)
-    (run_dir / CARD_FILE).write_text(model_card(config, task, summary), encoding="utf-8")
+    (run_dir / CARD_FILE).write_text(model_card(config, task, summary, read_source(run_dir)), encoding="utf-8")
     tmp = run_dir / "metrics.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, run_dir / "metrics.json")
@@ -104,37 +106,56 @@ def plot_curves(records: list[dict[str, Any]], path: Path, metric: str) -> None:
     plt.close(fig)
 
 
-def model_card(config: Config, task: Any, summary: dict[str, Any]) -> str:
-    """A model card (README.md) for the run folder: what was trained, on what, how good it is."""
+def model_card(config: Config, task: Any, summary: dict[str, Any], source: dict[str, Any] | None = None,
+               repo_id: str | None = None) -> str:
+    """The model card (README.md): YAML metadata with a ``model-index`` of the held-out test metrics, then
+    what was trained, on what, how good it is and how to load it. ``source``: the run's ``source.json``
+    (where the base weights came from). The run folder's card and the card ``finetune push`` uploads
+    come from here; the pushed one names its Hub repo in the loading code."""
+    from huggingface_hub import EvalResult, ModelCardData
+
     test = summary["test"]
     baseline = summary.get("baseline") or {}
+    lora = config.lora
+    base = card_base_model(config, source)
+    dataset_type, dataset_name = _card_dataset(config)
+    results = [
+        EvalResult(task_type=task.pipeline_tag or task.name, dataset_type=dataset_type, dataset_name=dataset_name,
+                   dataset_split="test", metric_type=name, metric_name=f"test {name}",
+                   metric_value=round(float(test[name]), 6))
+        for name in task.headline_metrics if isinstance(test.get(name), (int, float))
+    ]
+    metadata = ModelCardData(
+        base_model=base,
+        library_name="peft" if lora.method == "lora" else "transformers",
+        pipeline_tag=task.pipeline_tag or None,
+        tags=["finetune", task.name] + (["lora"] if lora.method == "lora" else []),
+        datasets=[config.data.source] if _is_hub_dataset(config) else None,
+        model_name=config.run.name,
+        eval_results=results or None,
+    )
     rows = "\n".join(
         f"| {name} | {test[name]:.4f} | {baseline[name]:.4f} |" if name in baseline else
         f"| {name} | {test[name]:.4f} | - |"
         for name in task.headline_metrics if name in test
     )
     sizes = summary["split_sizes"]
-    lora = config.lora
     method = (f"LoRA (r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}, "
               f"targets={lora.target_modules or 'architecture default'})" if lora.method == "lora"
               else "full fine-tuning")
+    base_text = f"`{base}`" if base else f"a local checkpoint (`{Path(config.model.name_or_path).name}`)"
     return f"""---
-base_model: {config.model.name_or_path}
-library_name: {"peft" if lora.method == "lora" else "transformers"}
-pipeline_tag: {task.pipeline_tag}
-tags:
-- finetune
-- {task.name}
+{metadata.to_yaml()}
 ---
 
 # {config.run.name}
 
-A {task.name} model fine-tuned from `{config.model.name_or_path}` with {method} by
+A {task.name} model fine-tuned from {base_text} with {method} by
 [finetune](https://pypi.org/project/finetune/).
 
 ## Data
-Source `{config.data.source}`; train {sizes['train']}, validation {sizes['validation']},
-test {sizes['test']} examples (seed {config.run.seed}).
+Source: {dataset_name}; train {sizes['train']}, validation {sizes['validation']}, test {sizes['test']} examples
+({_split_origin(config)}, seed {config.run.seed}).
 
 ## Results on the held-out test split
 | metric | this model | baseline: {baseline.get('name', '-')} |
@@ -149,7 +170,89 @@ Best checkpoint at step {summary['best_step']} of {summary['global_step']}
 {config.train.gradient_accumulation_steps} accumulation, learning rate {config.train.learning_rate}
 ({config.train.scheduler}, warmup {config.train.warmup_ratio}), max length {config.data.max_length}.
 The full resolved configuration is in `config.yaml`.
+
+## How to load it
+{_usage(config, task, base, repo_id)}
 """
+
+
+def card_base_model(config: Config, source: dict[str, Any] | None = None) -> str | None:
+    """The Hub id of the base model, or None when it was a local folder (the Hub's ``base_model``
+    metadata only accepts model ids). ``source`` (``source.json``) says where the weights came from;
+    without it, a name that is an existing folder or can only be a path counts as local."""
+    from finetune.models import OFFLINE_ALIASES, looks_like_path
+
+    name = config.model.name_or_path
+    local = source["source"] == "local" if source else looks_like_path(name) or Path(name).expanduser().exists()
+    return None if local else OFFLINE_ALIASES.get(name, name)
+
+
+def read_source(run_dir: Path) -> dict[str, Any] | None:
+    """The run's ``source.json`` (where the base weights came from), if written."""
+    path = run_dir / SOURCE_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _card_dataset(config: Config) -> tuple[str, str]:
+    """(model-index dataset type, readable name). File paths are reduced to file names: a card must not
+    publish the trainer's directory layout."""
+    d = config.data
+    if d.source == "files":
+        names = [Path(f).name for f in (d.train_file, d.validation_file, d.test_file) if f]
+        return "files", "files " + ", ".join(names)
+    if not _is_hub_dataset(config):
+        return d.source, f"built-in dataset {d.source.split(':', 1)[1]}"
+    return d.source, d.source + (f" ({d.hub_config})" if d.hub_config else "")
+
+
+def _is_hub_dataset(config: Config) -> bool:
+    return config.data.source != "files" and not config.data.source.startswith("builtin:")
+
+
+def _split_origin(config: Config) -> str:
+    """Where the validation and test examples came from, in words."""
+    d = config.data
+    parts = []
+    for kind, file, split, size in (("validation", d.validation_file, d.validation_split, d.validation_size),
+                                    ("test", d.test_file, d.test_split, d.test_size)):
+        if d.source == "files":
+            parts.append(f"{kind} from {Path(file).name}" if file else f"{kind} held out from train ({size:g})")
+        else:
+            parts.append(f"{kind}: the source's '{split}' split, or held out from train ({size:g}) if it has none")
+    return "; ".join(parts)
+
+
+def _local_placeholder(config: Config) -> str:
+    """Stands for a base that was a local folder: its name only, not the trainer's directory layout."""
+    return f"<path to {Path(config.model.name_or_path).name}>"
+
+
+def _usage(config: Config, task: Any, base: str | None, repo_id: str | None) -> str:
+    """Loading code for this model: with finetune, and with transformers (+ peft) alone."""
+    where = repo_id or str(Path(config.run.output_dir) / str(config.run.name))
+    auto = task.auto_class.__name__
+    kwargs = "".join(f", {k}={v!r}" for k, v in task.base_model_kwargs().items())
+    if config.lora.method == "lora":
+        adapter = repo_id or f"{where}/adapter"
+        code = (f"from peft import PeftModel\n"
+                f"from transformers import {auto}, AutoTokenizer\n\n"
+                f"tokenizer = AutoTokenizer.from_pretrained({adapter!r})\n"
+                f"base = {auto}.from_pretrained({base or _local_placeholder(config)!r}{kwargs})\n"
+                f"model = PeftModel.from_pretrained(base, {adapter!r})")
+    else:
+        folder = repo_id or f"{where}/model"
+        code = (f"from transformers import {auto}, AutoTokenizer\n\n"
+                f"tokenizer = AutoTokenizer.from_pretrained({folder!r})\n"
+                f"model = {auto}.from_pretrained({folder!r})")
+    return f"""```bash
+finetune eval {where}                        # rebuilds the held-out test split from config.yaml
+finetune predict {where} --input inputs.jsonl
+finetune merge {where} --out merged/          # one plain transformers model, no peft needed
+```
+
+```python
+{code}
+```"""
 
 
 def _fmt(value: Any) -> str:

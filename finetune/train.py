@@ -11,56 +11,64 @@ import json
 import logging
 import math
 import os
-import shutil
+import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import datasets
 import numpy as np
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
-from safetensors.torch import load_file, save_file
+from accelerate import PartialState
+from accelerate.utils import (DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list,
+                               parse_flag_from_env, set_seed)
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_scheduler
 
 from finetune import report
+from finetune.checkpoints import (GracefulStop, TrainerState, TrainingInterrupted, inject_fault, load_checkpoint,
+                                  load_trainable, save_checkpoint, save_trainable)
 from finetune.config import Config, dump_config, resolve_mixed_precision
 from finetune.data import load_splits
 from finetune.errors import FinetuneError
-from finetune.evaluation import EvalResult, eval_dataloader, evaluate
+from finetune.evaluation import EvalResult, eval_dataloader, evaluate, make_accelerator
 from finetune.models import apply_lora, count_parameters, resolve_checkpoint, write_source
 from finetune.run import ADAPTER_DIR, CONFIG_FILE, MODEL_DIR, default_run_name, prepare_run_dir
 from finetune.tasks import TASKS, Task
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINTS_DIR = "checkpoints"
-STATE_FILE = "trainer_state.json"  # written last inside a checkpoint: marks it complete
 BEST_DIR = "best"
 LOG_FILE = "train_log.jsonl"
+BEFORE_FILE = "before_training.json"
 
 
 # --- data ---------------------------------------------------------------------------------------------
 class LengthGroupedBatchSampler:
     """Seeded batches of indices, reproducible for a (seed, epoch): shuffled, and when grouping by
     length, sorted inside chunks of 50 batches so a batch holds similar lengths (less padding)
-    while the batch order stays random. Resume skips batches of this exact order."""
+    while the batch order stays random. Resume skips batches of this exact order.
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int, group_by_length: bool):
+    With several processes only full batches are kept, as many as a multiple of the process count:
+    accelerate then deals them out round-robin without padding the epoch with repeated examples, so
+    no example is seen twice in an epoch (the few left over change from epoch to epoch)."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, group_by_length: bool,
+                 num_processes: int = 1):
         self.lengths = np.asarray(lengths)
         self.batch_size = batch_size
         self.seed = seed
         self.group_by_length = group_by_length
+        self.num_processes = num_processes
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
+        if self.num_processes > 1:
+            return len(self.lengths) // self.batch_size // self.num_processes * self.num_processes
         return math.ceil(len(self.lengths) / self.batch_size)
 
     def __iter__(self):
@@ -76,13 +84,16 @@ class LengthGroupedBatchSampler:
         if self.group_by_length:
             batch_order = torch.randperm(len(batches), generator=generator).tolist()
             batches = [batches[i] for i in batch_order]
+        if self.num_processes > 1:
+            batches = [b for b in batches if len(b) == self.batch_size][:len(self)]
         yield from batches
 
 
 def train_dataloader(task: Task, features: datasets.Dataset, tokenizer: PreTrainedTokenizerBase,
-                     config: Config) -> DataLoader:
+                     config: Config, num_processes: int = 1) -> DataLoader:
     t = config.train
-    sampler = LengthGroupedBatchSampler(features["length"], t.batch_size, config.run.seed, t.group_by_length)
+    sampler = LengthGroupedBatchSampler(features["length"], t.batch_size, config.run.seed, t.group_by_length,
+                                        num_processes)
     return DataLoader(features, batch_sampler=sampler, collate_fn=lambda rows: task.collate(rows, tokenizer),
                       num_workers=t.num_workers, pin_memory=torch.cuda.is_available(),
                       # its own generator: creating an iterator must not draw from the global RNG,
@@ -102,97 +113,43 @@ def make_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimi
     return torch.optim.AdamW(groups, lr=config.train.learning_rate)
 
 
-@dataclass
-class TrainerState:
-    """Everything besides model/optimizer/scheduler/RNG (saved by accelerate) needed to resume."""
-
-    global_step: int = 0
-    epoch: int = 0
-    batches_in_epoch: int = 0
-    """Micro-batches of the current epoch already consumed."""
-    best_metric: float | None = None
-    best_step: int | None = None
-    evals_without_improvement: int = 0
-    last_eval_step: int = -1
-
-
-# --- checkpoints -------------------------------------------------------------------------------------
-def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainerState, keep: int) -> Path:
-    """Write a resumable checkpoint atomically: into a temporary folder, renamed when complete."""
-    final = run_dir / CHECKPOINTS_DIR / f"step-{state.global_step:08d}"
-    tmp = final.with_name(final.name + ".tmp")
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps(state.__dict__, indent=2), encoding="utf-8")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in complete_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """Finished checkpoints, oldest first (a folder without its state file is half-written)."""
-    folder = run_dir / CHECKPOINTS_DIR
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.name.startswith("step-") and not p.name.endswith(".tmp")
-                  and (p / STATE_FILE).is_file())
-
-
-def find_resume_checkpoint(run_dir: Path, resume: str) -> Path | None:
-    """``auto`` -> the newest complete checkpoint of this run (None if there is none), else a path."""
-    if resume != "auto":
-        path = Path(resume)
-        if not (path / STATE_FILE).is_file():
-            raise FinetuneError(f"--resume {resume}: not a complete checkpoint (no {STATE_FILE})")
-        return path
-    found = complete_checkpoints(run_dir)
-    return found[-1] if found else None
-
-
-def save_trainable(model: torch.nn.Module, path: Path) -> None:
-    """The trainable weights (LoRA + head, or everything for full fine-tuning) as safetensors."""
-    tensors = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path))
-
-
-def load_trainable(model: torch.nn.Module, path: Path) -> None:
-    missing = set(load_file(str(path))) - {name for name, _ in model.named_parameters()}
-    if missing:
-        raise FinetuneError(f"{path}: weights do not match the model ({sorted(missing)[:3]} ...)")
-    model.load_state_dict(load_file(str(path)), strict=False)
-
-
 # --- the loop ----------------------------------------------------------------------------------------
 def train(config: Config, recipe_name: str, overwrite: bool = False, resume: str | None = None) -> Path:
     """Train, evaluate on the test split, and write the run folder. Returns the run folder."""
     t = config.train
-    mixed_precision = resolve_mixed_precision(t.mixed_precision)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        mixed_precision=mixed_precision,
-        log_with=t.trackers or None,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=False),
-    )
-    set_seed(config.run.seed)
-    task = TASKS[config.run.task](config)
-
-    # Run folder: the main process names it; every process must use the same name.
+    # The process group first: every process must agree on the run folder before anything is written.
+    # (AcceleratorState honours ACCELERATE_USE_CPU; a bare PartialState does not, so pass it on.)
+    processes = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != processes.num_processes:
+        # e.g. `accelerate launch --multi_gpu` on a machine without GPUs: every process would train alone
+        # and all of them would write the same run folder.
+        raise FinetuneError(f"launched as {launched} processes but Accelerate runs {processes.num_processes}: "
+                            f"without GPUs use ACCELERATE_USE_CPU=1 torchrun --nproc_per_node {launched} -m finetune "
+                            f"train ... (or make finetune NPROC={launched})")
+    if resume is not None and config.run.name is None:
+        config.run.name = latest_unfinished_run(Path(config.run.output_dir), recipe_name)
     name = [config.run.name or default_run_name(recipe_name)]
     broadcast_object_list(name)
     config.run.name = name[0]
     run_dir = Path(config.run.output_dir) / config.run.name
-    if accelerator.is_main_process:
+    if processes.is_main_process:
         prepare_run_dir(run_dir, overwrite=overwrite, resume=resume is not None)
+        if resume is not None:
+            check_same_config(run_dir / CONFIG_FILE, config)
         dump_config(config, run_dir / CONFIG_FILE)
-    accelerator.wait_for_everyone()
+    processes.wait_for_everyone()
+
+    mixed_precision = resolve_mixed_precision(t.mixed_precision)
+    accelerator = make_accelerator(
+        mixed_precision,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        log_with=t.trackers or None,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=False),
+    )
+    set_seed(config.run.seed)
+    task = TASKS[config.run.task](config)
     accelerator.print(f"run folder: {run_dir}")
 
     # Checkpoint, tokenizer and data.
@@ -213,10 +170,12 @@ def train(config: Config, recipe_name: str, overwrite: bool = False, resume: str
     accelerator.print(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%), "
                       f"{config.lora.method}, mixed precision: {mixed_precision}")
 
-    train_dl = train_dataloader(task, features["train"], tokenizer, config)
+    train_dl = train_dataloader(task, features["train"], tokenizer, config, accelerator.num_processes)
     valid_dl = eval_dataloader(task, features["validation"], tokenizer, config.eval.batch_size)
+    test_dl = eval_dataloader(task, features["test"], tokenizer, config.eval.batch_size)
     optimizer = make_optimizer(model, config)
-    model, optimizer, train_dl, valid_dl = accelerator.prepare(model, optimizer, train_dl, valid_dl)
+    model, optimizer, train_dl, valid_dl, test_dl = accelerator.prepare(model, optimizer, train_dl, valid_dl,
+                                                                        test_dl)
 
     steps_per_epoch = math.ceil(len(train_dl) / t.gradient_accumulation_steps)
     max_steps = t.max_steps or math.ceil(t.epochs * steps_per_epoch)
@@ -229,22 +188,20 @@ def train(config: Config, recipe_name: str, overwrite: bool = False, resume: str
     if t.trackers:
         accelerator.init_trackers(config.run.name, config=report.flatten(config.to_dict()))
 
-    test_dl = accelerator.prepare(eval_dataloader(task, features["test"], tokenizer, config.eval.batch_size))
-    state = TrainerState()
-    before: EvalResult | None = None
-    if config.eval.before_training and resume is None:
-        # LoRA starts as an identity (B = 0), so this is the base model (a fresh head for classifiers).
-        before = evaluate(task, model, test_dl, accelerator, splits["test"], features["test"])
-        accelerator.print("test before training: " + report.format_metrics(before.metrics))
+    state, resumed_from = TrainerState(), None
     if resume is not None:
-        found = find_resume_checkpoint(run_dir, resume)
-        if found is None:
+        state, resumed_from = load_checkpoint(accelerator, run_dir, resume)
+        if resumed_from is None:
             accelerator.print("no complete checkpoint to resume from; starting from the beginning")
         else:
-            accelerator.load_state(str(found))
-            state = TrainerState(**json.loads((found / STATE_FILE).read_text(encoding="utf-8")))
-            accelerator.print(f"resumed from {found} (step {state.global_step}, epoch {state.epoch}, "
+            accelerator.print(f"resumed from {resumed_from} (step {state.global_step}, epoch {state.epoch}, "
                               f"batch {state.batches_in_epoch})")
+    if config.eval.before_training and resumed_from is None:
+        # LoRA starts as an identity (B = 0), so this is the base model (with a fresh head for classifiers).
+        before = evaluate(task, model, test_dl, accelerator, splits["test"], features["test"])
+        accelerator.print("test before training: " + report.format_metrics(before.metrics))
+        if accelerator.is_main_process:
+            (run_dir / BEFORE_FILE).write_text(json.dumps(before.metrics, indent=2), encoding="utf-8")
     if accelerator.is_main_process:
         write_source(run_dir / "source.json", checkpoint)
         report.truncate_log(run_dir / LOG_FILE, state.global_step)
@@ -259,7 +216,6 @@ def train(config: Config, recipe_name: str, overwrite: bool = False, resume: str
                     desc="training", dynamic_ncols=True)
     window_loss, window_batches, window_tokens, window_samples = 0.0, 0, 0, 0
     window_start = time.perf_counter()
-    stop = state.global_step >= max_steps
 
     def run_validation() -> None:
         """Evaluate on validation, log, keep the best weights, count patience."""
@@ -281,69 +237,94 @@ def train(config: Config, recipe_name: str, overwrite: bool = False, resume: str
             report.append_log(run_dir / LOG_FILE, record)
         accelerator.log({f"validation/{k}": v for k, v in report.scalars(result.metrics).items()},
                         step=state.global_step)
-        progress.write(f"step {state.global_step}: validation " + report.format_metrics(result.metrics)
-                       + (" (best)" if improved else ""))
+        accelerator.print(f"step {state.global_step}: validation " + report.format_metrics(result.metrics)
+                          + (" (best)" if improved else ""))
 
+    done = state.global_step >= max_steps
     model.train()
-    for epoch in range(state.epoch, num_epochs):
-        if stop:
-            break
-        train_dl.set_epoch(epoch)
-        skip = state.batches_in_epoch if epoch == state.epoch else 0
-        # skip_first_batches drops indices from the batch sampler: no data is loaded for skipped batches.
-        epoch_dl = accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
-        state.epoch, state.batches_in_epoch = epoch, skip
-        for batch in epoch_dl:
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and t.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            state.batches_in_epoch += 1
-            window_loss += loss.detach().float().item()
-            window_batches += 1
-            window_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
-            window_samples += batch["input_ids"].shape[0]
-            if not accelerator.sync_gradients:
-                continue
-            if not math.isfinite(window_loss):
-                raise FinetuneError(f"loss is {window_loss} at step {state.global_step + 1}; lower "
-                                    f"train.learning_rate or check the data")
-            state.global_step += 1
-            progress.update(1)
-            if state.global_step % t.log_every_steps == 0 or state.global_step == max_steps:
-                elapsed = time.perf_counter() - window_start
-                # Throughput of the whole job: every process processed its own share.
-                tokens = accelerator.reduce(torch.tensor(window_tokens, device=accelerator.device), "sum").item()
-                samples = accelerator.reduce(torch.tensor(window_samples, device=accelerator.device), "sum").item()
-                record = {"step": state.global_step, "epoch": round(state.global_step / steps_per_epoch, 4),
-                          "loss": round(window_loss / window_batches, 6), "lr": scheduler.get_last_lr()[0],
-                          "tokens_per_second": round(tokens / elapsed, 1),
-                          "samples_per_second": round(samples / elapsed, 2)}
-                if accelerator.is_main_process:
-                    report.append_log(run_dir / LOG_FILE, record)
-                accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=state.global_step)
-                progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_second']:.0f}")
-                window_loss, window_batches, window_tokens, window_samples = 0.0, 0, 0, 0
-                window_start = time.perf_counter()
-            end_of_epoch = state.batches_in_epoch == len(train_dl)
-            done = state.global_step >= max_steps
-            if (t.eval_every_steps and state.global_step % t.eval_every_steps == 0) or end_of_epoch or done:
-                run_validation()
-                if t.early_stopping_patience and state.evals_without_improvement >= t.early_stopping_patience:
-                    accelerator.print(f"early stopping: no improvement of {t.metric_for_best} in "
-                                      f"{state.evals_without_improvement} evaluations")
-                    done = True
-            if end_of_epoch:
-                state.epoch, state.batches_in_epoch = epoch + 1, 0
-            if (t.save_every_steps and state.global_step % t.save_every_steps == 0) or end_of_epoch or done:
-                save_checkpoint(accelerator, run_dir, state, t.keep_checkpoints)
+    with GracefulStop() as stop:
+        for epoch in range(state.epoch, num_epochs):
             if done:
-                stop = True
                 break
+            train_dl.set_epoch(epoch)
+            skip = state.batches_in_epoch if epoch == state.epoch else 0
+            # skip_first_batches drops indices from the batch sampler: no data is loaded for skipped batches.
+            epoch_dl = accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
+            state.epoch, state.batches_in_epoch = epoch, skip
+            for batch in epoch_dl:
+                with accelerator.accumulate(model):
+                    loss = model(**batch).loss
+                    loss_value = loss.detach().float().item()
+                    if math.isfinite(loss_value):
+                        accelerator.backward(loss)
+                    elif t.on_nonfinite_loss == "skip":
+                        state.skipped_batches += 1
+                        print(f"step {state.global_step + 1}, process {accelerator.process_index}: loss is "
+                              f"{loss_value}; batch skipped ({state.skipped_batches} so far)")
+                    else:
+                        raise FinetuneError(f"loss is {loss_value} at step {state.global_step + 1} (epoch {epoch}, "
+                                            f"batch {state.batches_in_epoch + 1}); lower train.learning_rate, check "
+                                            f"the data, or set train.on_nonfinite_loss=skip")
+                    if accelerator.sync_gradients and t.max_grad_norm:
+                        accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                state.batches_in_epoch += 1
+                if math.isfinite(loss_value):
+                    window_loss += loss_value
+                    window_batches += 1
+                window_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch \
+                    else batch["input_ids"].numel()
+                window_samples += batch["input_ids"].shape[0]
+                if not accelerator.sync_gradients:
+                    continue
+                state.global_step += 1
+                progress.update(1)
+                if state.global_step % t.log_every_steps == 0 or state.global_step == max_steps:
+                    elapsed = time.perf_counter() - window_start
+                    # Throughput of the whole job: every process processed its own share.
+                    tokens = accelerator.reduce(torch.tensor(window_tokens, device=accelerator.device), "sum").item()
+                    samples = accelerator.reduce(torch.tensor(window_samples, device=accelerator.device),
+                                                 "sum").item()
+                    record = {"step": state.global_step, "epoch": round(state.global_step / steps_per_epoch, 4),
+                              "loss": round(window_loss / max(window_batches, 1), 6), "lr": scheduler.get_last_lr()[0],
+                              "tokens_per_second": round(tokens / elapsed, 1),
+                              "samples_per_second": round(samples / elapsed, 2)}
+                    if state.skipped_batches:
+                        record["skipped_batches"] = state.skipped_batches
+                    if accelerator.is_main_process:
+                        report.append_log(run_dir / LOG_FILE, record)
+                    accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"},
+                                    step=state.global_step)
+                    progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_second']:.0f}")
+                    window_loss, window_batches, window_tokens, window_samples = 0.0, 0, 0, 0
+                    window_start = time.perf_counter()
+                end_of_epoch = state.batches_in_epoch == len(train_dl)
+                done = state.global_step >= max_steps
+                if (t.eval_every_steps and state.global_step % t.eval_every_steps == 0) or end_of_epoch or done:
+                    run_validation()
+                    if t.early_stopping_patience and state.evals_without_improvement >= t.early_stopping_patience:
+                        accelerator.print(f"early stopping: no improvement of {t.metric_for_best} in "
+                                          f"{state.evals_without_improvement} evaluations")
+                        done = True
+                if end_of_epoch:
+                    state.epoch, state.batches_in_epoch = epoch + 1, 0
+                # Every process must agree to stop, or the others would wait forever in the next collective.
+                stopping = bool(accelerator.reduce(torch.tensor(int(stop.requested), device=accelerator.device),
+                                                   "max").item())
+                if (t.save_every_steps and state.global_step % t.save_every_steps == 0) or end_of_epoch or done \
+                        or stopping:
+                    saved = save_checkpoint(accelerator, run_dir, state, t.keep_checkpoints)
+                    if stopping:
+                        progress.close()
+                        signum = stop.signal or 15
+                        raise TrainingInterrupted(
+                            f"stopped by {signal_name(signum)} at step {state.global_step}; checkpoint {saved}. "
+                            f"Resume with: finetune train {run_dir / CONFIG_FILE} --resume auto", signum)
+                inject_fault("kill-after-step", state.global_step)
+                if done:
+                    break
     progress.close()
 
     # Final evaluation of the best weights on the test split, then the run folder.
@@ -359,14 +340,46 @@ def train(config: Config, recipe_name: str, overwrite: bool = False, resume: str
         tokenizer.save_pretrained(str(out))
         task.save_artifacts(out)
         summary = finish_metrics(result, baseline, splits, state, config, trainable, total)
-        if before is not None:
-            summary["before_training"] = before.metrics
+        if (run_dir / BEFORE_FILE).is_file():
+            summary["before_training"] = json.loads((run_dir / BEFORE_FILE).read_text(encoding="utf-8"))
         report.write_run(run_dir, config, task, result, summary)
         report.print_summary(task, summary)
         for line in task.preview(result.predictions):
             print(line)
     accelerator.end_training()
     return run_dir
+
+
+def latest_unfinished_run(output_dir: Path, recipe_name: str) -> str:
+    """The newest ``<recipe>-<timestamp>`` run folder without ``metrics.json`` (what ``--resume`` continues
+    when no ``run.name`` is given)."""
+    from finetune.run import METRICS_FILE
+
+    candidates = sorted(p for p in output_dir.glob(f"{recipe_name}-*")
+                        if p.is_dir() and not (p / METRICS_FILE).exists())
+    if not candidates:
+        raise FinetuneError(f"--resume: no unfinished {recipe_name}-* run in {output_dir}; name it with "
+                            f"run.name=NAME, or resume from its config: finetune train RUN/config.yaml --resume auto")
+    return candidates[-1].name
+
+
+def signal_name(signum: int) -> str:
+    return signal.Signals(signum).name
+
+
+def check_same_config(saved_path: Path, config: Config) -> None:
+    """Resuming with another recipe would silently mix two runs: refuse, naming the keys that differ."""
+    from finetune.config import load_config
+
+    if not saved_path.is_file():
+        return
+    saved = report.flatten(load_config(saved_path).to_dict())
+    now = report.flatten(config.to_dict())
+    differ = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+    if differ:
+        shown = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in differ[:5])
+        raise FinetuneError(f"--resume with a config that differs from {saved_path} ({shown}); resume with the "
+                            f"same settings: finetune train {saved_path} --resume auto")
 
 
 def finish_metrics(result: EvalResult, baseline: dict[str, Any], splits: datasets.DatasetDict,
@@ -378,6 +391,7 @@ def finish_metrics(result: EvalResult, baseline: dict[str, Any], splits: dataset
         "best_step": state.best_step,
         "best_validation": {config.train.metric_for_best: state.best_metric},
         "global_step": state.global_step,
+        "skipped_batches": state.skipped_batches,
         "split_sizes": {name: len(split) for name, split in splits.items()},
         "parameters": {"trainable": trainable, "total": total},
     }

@@ -32,7 +32,7 @@ def synthetic_reviews(n: int, seed: int = 0) -> list[tuple[str, str]]:
     return rows
 
 
-def build_tiny_bert(folder: Path) -> Path:
+def build_tiny_bert(folder: Path, dropout: float = 0.1) -> Path:
     """A 2-layer BERT with a WordPiece tokenizer trained on the synthetic vocabulary."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
     from transformers import BertConfig, BertModel, BertTokenizerFast
@@ -48,7 +48,8 @@ def build_tiny_bert(folder: Path) -> Path:
                              cls_token="[CLS]", mask_token="[MASK]", model_max_length=128)
     fast.save_pretrained(folder)
     config = BertConfig(vocab_size=fast.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128, pad_token_id=fast.pad_token_id)
+                        intermediate_size=64, max_position_embeddings=128, pad_token_id=fast.pad_token_id,
+                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     import torch
 
     torch.manual_seed(0)

@@ -73,6 +73,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -950,6 +951,10 @@ def patch_hf_client(monkeypatch: pytest.MonkeyPatch, url: str, hf_home: Path, to
         ("huggingface_hub.utils._cache_assets", "HF_ASSETS_CACHE", str(assets)),
     ):
         monkeypatch.setattr(f"{module_name}.{attr}", value, raising=False)
+    # transformers keeps one HfApi built on first use (its endpoint fixed then): rebuild it for this server.
+    hub_module = sys.modules.get("transformers.utils.hub")
+    if hub_module is not None and hasattr(hub_module, "_hf_api"):
+        monkeypatch.setattr(hub_module, "_hf_api", None)
     # Connections pooled for an earlier test's server must not be reused.
     _http.close_session()
 

@@ -1,6 +1,7 @@
 """Built-in offline datasets, each built from a package that a registry ships (see ASSETS.md).
 
-Every module here exposes ``load(seed: int = 0) -> datasets.DatasetDict``. A source returns
+Every module here exposes ``load(seed: int = 0) -> datasets.DatasetDict``; a registered variant
+passes extra keyword arguments (``BUILTIN_OPTIONS``). A source returns
 the splits it naturally has; missing held-out splits are made later by ``finetune.data``.
 """
 
@@ -17,6 +18,11 @@ BUILTIN_SOURCES: dict[str, str] = {
     "chatterbot": "chatterbot",
     "bible-en-es": "bible_en_es",
     "country-facts-qa": "country_facts_qa",
+    "country-facts-qa-v2": "country_facts_qa",
+}
+# Keyword arguments for ``load`` of sources that are a variant of a module's default set.
+BUILTIN_OPTIONS: dict[str, dict[str, object]] = {
+    "country-facts-qa-v2": {"unanswerable": True},  # SQuAD v2: some questions have no answer
 }
 
 
@@ -25,4 +31,4 @@ def load_builtin(name: str, seed: int = 0) -> datasets.DatasetDict:
     if name not in BUILTIN_SOURCES:
         raise KeyError(f"unknown built-in dataset {name!r}; known: {', '.join(sorted(BUILTIN_SOURCES))}")
     module = importlib.import_module(f"finetune.builtin.{BUILTIN_SOURCES[name]}")
-    return module.load(seed=seed)
+    return module.load(seed=seed, **BUILTIN_OPTIONS.get(name, {}))

@@ -44,7 +44,9 @@ def _as_text(value: Any) -> str | None:
         value = str(value)
     if not isinstance(value, str):  # a nested list or mapping is not a line
         return None
-    text = " ".join(value.split())  # strip, and fold YAML line breaks inside a line
+    # Strip only the ends: coding.yml answers hold code blocks whose line breaks and indentation
+    # are the content.
+    text = value.strip()
     return text or None
 
 

@@ -75,7 +75,12 @@ class Task:
         return load_tokenizer(checkpoint, self.config.model)
 
     def load_model(self, checkpoint: Checkpoint) -> PreTrainedModel:
-        return load_pretrained(self.auto_class, checkpoint, self.config.model)
+        return load_pretrained(self.auto_class, checkpoint, self.config.model, **self.base_model_kwargs())
+
+    def base_model_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments the base model is loaded with (e.g. ``num_labels``): shown in the model
+        card's loading code, since a head of another shape cannot take the saved adapter."""
+        return {}
 
     def save_artifacts(self, folder: Path) -> None:
         """Write what inference needs besides weights and tokenizer (e.g. the label map)."""

@@ -43,11 +43,14 @@ class ClassificationTask(Task):
 
         d = self.config.data
         columns = [d.text_column] + ([d.text_pair_column] if d.text_pair_column else [])
+        keys = {d.text_column: "data.text_column", d.label_column: "data.label_column"}
+        if d.text_pair_column:
+            keys[d.text_pair_column] = "data.text_pair_column"
         train_name = d.train_split if d.train_split in raw else next(iter(raw))
         result = {}
         for split, dataset in raw.items():
             where = describe_split(raw, split, d)
-            require_columns(dataset, columns + [d.label_column], where)
+            require_columns(dataset, keys, where)
             dataset = dataset.select_columns(columns + [d.label_column])
             for column in columns:
                 dataset = _check_texts(dataset, column, where)
@@ -110,9 +113,12 @@ class ClassificationTask(Task):
 
     # --- model -----------------------------------------------------------------------------------
     def load_model(self, checkpoint: Checkpoint) -> PreTrainedModel:
+        return load_pretrained(self.auto_class, checkpoint, self.config.model, **self.base_model_kwargs())
+
+    def base_model_kwargs(self) -> dict[str, Any]:
         id2label = dict(enumerate(self.label_names))
-        return load_pretrained(self.auto_class, checkpoint, self.config.model, num_labels=len(self.label_names),
-                               id2label=id2label, label2id={v: k for k, v in id2label.items()})
+        return {"num_labels": len(self.label_names), "id2label": id2label,
+                "label2id": {v: k for k, v in id2label.items()}}
 
     def save_artifacts(self, folder: Path) -> None:
         (folder / LABELS_FILE).write_text(json.dumps({"labels": self.label_names}, ensure_ascii=False, indent=2),

