@@ -63,6 +63,7 @@ def test_train_eval_predict_cli(kind: str, tiny_models: dict[str, Path], pairs_f
     for where in ("test", "before_training"):  # the recipe evaluates the base model first
         assert {"bleu", "chrf", "loss", "generation_tokens_per_second"} <= set(metrics[where])
     assert "before training:" in out and "chrf" in out
+    assert "sample translations (held-out test pairs):" in out
     rows = [json.loads(line) for line in (run / "predictions_test.jsonl").read_text().splitlines()]
     assert len(rows) == metrics["split_sizes"]["test"] == 12
     assert set(rows[0]) == {"id", "source", "reference", "hypothesis"}
@@ -275,3 +276,34 @@ def test_predict_rejects_an_empty_input(tiny_models: dict[str, Path], pairs_file
     model = task.load_model(resolve_checkpoint(task.config.model))
     with pytest.raises(DataError, match="input 2: a translation input needs a non-empty 'text'"):
         task.predict(model, tokenizer, [{"text": "the dog"}, {"text": " "}])
+
+
+# --- shipped recipes and the real default checkpoint -----------------------------------------------
+@pytest.mark.parametrize("recipe", ["translate", "translate-seq2seq"])
+def test_shipped_translation_recipes_validate(recipe: str) -> None:
+    config = load_config(RECIPES_DIR / f"{recipe}.yaml")
+    assert config.run.task == "translation" and config.eval.before_training
+    assert (config.data.source_lang, config.data.target_lang) == ("en", "es")
+
+
+@pytest.mark.real
+def test_smollm2_translation_prompt_labels_and_generation() -> None:
+    """The default recipe's decoder path on the real SmolLM2 (GGUF converted once per session)."""
+    config = load_config(RECIPES_DIR / "translate.yaml", ["eval.max_new_tokens=8"])
+    task = TranslationTask(config)
+    checkpoint = resolve_checkpoint(config.model)
+    tokenizer = task.load_tokenizer(checkpoint)
+    assert task.kind == "decoder" and tokenizer.pad_token_id == tokenizer.eos_token_id
+    examples = datasets.Dataset.from_dict({
+        "id": ["John.11.35", "Gen.1.1"], "source": ["Jesus wept.", "In the beginning, God created the heavens and the earth."],
+        "target": ["Y lloró Jesús.", "En el principio crió Dios los cielos y la tierra."]})
+    features = task.preprocess(examples, tokenizer, "test")
+    prompt = tokenizer.decode(features[0]["input_ids"][:features[0]["prompt_length"]])
+    assert prompt == ("<|im_start|>system\nYou translate English to Spanish.<|im_end|>\n<|im_start|>user\n"
+                      "Translate English to Spanish:\nJesus wept.<|im_end|>\n<|im_start|>assistant\n")
+    assert features[0]["labels"][-1] == tokenizer.eos_token_id  # <|im_end|>: learned although it pads
+    model = task.load_model(checkpoint).eval()
+    with torch.no_grad():
+        outputs = task.eval_step(model, task.collate(list(features), tokenizer))
+    assert outputs["loss"].shape == (2,) and torch.isfinite(outputs["loss"]).all()
+    assert outputs["generated"].shape[0] == 2 and (outputs["generated"] != -100).sum() > 0

@@ -271,7 +271,6 @@ class TranslationTask(Task):
         d = self.config.data
         tokenizer.src_lang = d.source_lang_code or _language_token(tokenizer, d.source_lang, "data.source_lang_code")
         tokenizer.tgt_lang = d.target_lang_code or _language_token(tokenizer, d.target_lang, "data.target_lang_code")
-        # Some set their special tokens only when src_lang is assigned; targets switch when encoded.
 
     def _forced_bos_token_id(self, tokenizer: PreTrainedTokenizerBase) -> int | None:
         """The target language token when references start with it (mBART-50, NLLB, M2M100)."""
@@ -374,6 +373,13 @@ class TranslationTask(Task):
         """Copy the source as its own translation (names and numbers often match)."""
         return {"name": "copy the source", **translation_scores(list(test_examples["source"]),
                                                                 list(test_examples["target"]))}
+
+    def preview(self, predictions: list[dict[str, Any]], count: int = 3) -> list[str]:
+        lines = ["\nsample translations (held-out test pairs):"] if predictions else []
+        for row in predictions[:count]:
+            lines += [f"  source:     {row['source']}", f"  reference:  {row['reference']}",
+                      f"  hypothesis: {row['hypothesis']}", ""]
+        return lines
 
     # --- inference -------------------------------------------------------------------------------
     def predict(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
