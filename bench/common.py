@@ -345,8 +345,11 @@ class Bench:
 
         from finetune.train import dataloader_workers
 
+        from transformers import set_seed
+
         reset_accelerate()
         t = self.config.train
+        set_seed(self.config.run.seed)  # the LoRA initialisation too, as our loop seeds it
         model = self.build_model()
         collator = self.make_collator(self.tokenizer, t.pad_to_multiple_of)
         timer = baseline_timer()
@@ -488,8 +491,9 @@ def summarize(results: list[Result], baseline: str, headline: list[str], higher_
     return ok
 
 
-def common_arguments(parser: argparse.ArgumentParser, steps: int, rounds: int) -> None:
-    parser.add_argument("--steps", type=int, default=steps, help="optimizer steps per measured run")
+def common_arguments(parser: argparse.ArgumentParser, steps: int | None, rounds: int) -> None:
+    parser.add_argument("--steps", type=int, default=steps,
+                        help=f"optimizer steps per measured run (default: {steps or 'one epoch'})")
     parser.add_argument("--rounds", type=int, default=rounds, help="measured runs per side, order alternating")
     parser.add_argument("--warmup-steps", type=int, default=5, help="steps of the unmeasured warm-up run per side")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")

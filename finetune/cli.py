@@ -27,7 +27,13 @@ RUN_HELP = "a finished run folder, or the ORG/NAME id of a run pushed to the Hub
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse fills a positional list only before the first option, so `train classify --overwrite a=b`
+    # leaves a=b over; key=value words after options are overrides too.
+    if extra and hasattr(args, "overrides") and all("=" in word and not word.startswith("-") for word in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "command", None):
         parser.print_help()
         return 2

@@ -55,6 +55,18 @@ def test_wrong_value_type(cli) -> None:
     assert_user_error(cli("train", "classify", "train.batch_size=big"), "'train.batch_size' expects an integer")
 
 
+def test_overrides_after_an_option_are_overrides(cli) -> None:
+    """`--overwrite key=value`: the override is read (and here refused by validation), not an argparse error."""
+    assert_user_error(cli("train", "classify", "--overwrite", "train.batch_size=big"),
+                      "'train.batch_size' expects an integer")
+
+
+def test_unknown_option_is_refused(cli) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        cli("train", "classify", "--overwrite", "--bogus")
+    assert stopped.value.code == 2
+
+
 def test_unknown_recipe(cli) -> None:
     assert_user_error(cli("train", "clasify"), "unknown recipe 'clasify'", "classify")
 

@@ -1,0 +1,30 @@
+"""The side-by-side benchmark runs end to end (tiny sizes) and prints its table; the baseline's counts are real."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.real
+def test_classification_bench_prints_the_side_by_side_table(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "classification.py"), "--steps", "3", "--rounds", "1",
+         "--warmup-steps", "1", "--test-samples", "64", "--baseline-precision", "fp32", "--threads", "1",
+         "--output-dir", str(tmp_path), "--set", "data.max_train_samples=400"],
+        capture_output=True, text=True, timeout=900, check=False, cwd=tmp_path)
+    # exit 1 only reports worse quality, which three steps cannot settle; anything else is a failure
+    assert done.returncode in (0, 1), done.stderr[-3000:]
+    out = done.stdout
+    for row in ("non-pad tokens/s", "samples/s", "wall time s", "peak RSS MiB", "test accuracy"):
+        assert re.search(rf"^{re.escape(row)}\s+\S+\s+\S+\s+[0-9.]+$", out, re.M), (row, out)
+    assert re.search(r"^MFU \(useful FLOPs\)\s+[\d.]+% of \w+\s+[\d.]+% of \w+$", out, re.M), out
+    tokens = re.search(r"^non-pad tokens/s\s+([\d,]+)\s+([\d,]+)", out, re.M)
+    assert all(int(value.replace(",", "")) > 0 for value in tokens.groups()), out
+    assert "matmul peak: fp32" in out and "quality ours accuracy" in out
