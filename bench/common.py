@@ -237,15 +237,6 @@ def baseline_timer():
     return StepTimer()
 
 
-def reset_accelerate() -> None:
-    """Accelerate keeps process-wide singletons that refuse a second mixed-precision mode; clear them before
-    each Trainer (as our ``make_accelerator`` does), so runs in one process do not inherit each other's."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=False)
-    GradientState._reset_state()
-
-
 def counting_trainer():
     """A ``Trainer`` subclass that counts the non-pad tokens and examples of every batch it trains on. It
     counts where the batch arrives, not in the collator: with dataloader workers the collator runs in other
@@ -341,13 +332,12 @@ class Bench:
     def run_baseline(self, steps: int, precision: str, score: bool = True) -> dict[str, Any]:
         """transformers' Trainer on the same features and settings; its own evaluation and saving off.
         ``score``: evaluate the trained model on the test split (not for warm-up runs)."""
-        from transformers import TrainingArguments
+        from transformers import TrainingArguments, set_seed
 
+        from finetune.evaluation import reset_accelerator_state
         from finetune.train import dataloader_workers
 
-        from transformers import set_seed
-
-        reset_accelerate()
+        reset_accelerator_state()  # the Trainer makes its own Accelerator
         t = self.config.train
         set_seed(self.config.run.seed)  # the LoRA initialisation too, as our loop seeds it
         model = self.build_model()
@@ -379,7 +369,6 @@ class Bench:
         accelerator = make_accelerator(self.config.train.mixed_precision)
         loader = eval_dataloader(self.task, self.features["test"], self.tokenizer, self.config.eval.batch_size)
         model, loader = accelerator.prepare(model, loader)
-        self.task.begin_evaluation("test")
         result = evaluate(self.task, model, loader, accelerator, self.splits["test"], self.features["test"])
         return {k: v for k, v in result.metrics.items() if isinstance(v, float)}
 

@@ -89,14 +89,19 @@ def evaluate(task: Task, model: torch.nn.Module, dataloader: DataLoader, acceler
 
 
 def make_accelerator(mixed_precision: str, **kwargs: Any) -> Accelerator:
-    """A fresh Accelerator. Accelerate keeps its settings in process-wide singletons that refuse a second
-    mixed-precision mode, so a second run in one process (tests, notebooks) clears them first; the
-    process group of a distributed launch (PartialState) is kept."""
+    """A fresh Accelerator (see :func:`reset_accelerator_state`)."""
+    reset_accelerator_state()
+    return Accelerator(mixed_precision=resolve_mixed_precision(mixed_precision), **kwargs)
+
+
+def reset_accelerator_state() -> None:
+    """Accelerate keeps its settings in process-wide singletons that refuse a second mixed-precision mode,
+    so a second run in one process (tests, notebooks, the bench's Trainer) clears them first; the process
+    group of a distributed launch (PartialState) is kept."""
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
-    return Accelerator(mixed_precision=resolve_mixed_precision(mixed_precision), **kwargs)
 
 
 def task_pad_value(task: Task, key: str) -> float:
