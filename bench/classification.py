@@ -42,7 +42,7 @@ def main() -> None:
     args = parser.parse_args()
     common.start(args, "classification: MiniLM-L6 + LoRA on tweet-sentiment, ours vs Trainer + peft")
 
-    from finetune.config import load_config
+    from finetune.recipes import load_config
 
     overrides = [f"train.max_steps={args.steps}", f"data.max_test_samples={args.test_samples}",
                  "train.eval_every_steps=null", "train.log_every_steps=1000000", *args.overrides]

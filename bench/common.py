@@ -170,13 +170,15 @@ def alternate(sides: dict[str, Callable[[int], Result]], rounds: int) -> list[Re
 # --- our side --------------------------------------------------------------------------------------
 def run_ours(recipe: str | Path, overrides: list[str], output_dir: Path, name: str) -> dict[str, Any]:
     """Train with the pipeline (``finetune train``) and read back its throughput and test metrics."""
-    from finetune.config import load_config
+    from finetune.recipes import load_config
     from finetune.train import train
 
     config = load_config(recipe, [*overrides, f"run.output_dir={output_dir}", f"run.name={name}"])
     with quiet():
         run_dir = train(config, Path(recipe).stem, overwrite=True)
-    summary = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    from finetune.run_folder import RunFolder
+
+    summary = json.loads(RunFolder(run_dir).metrics.read_text(encoding="utf-8"))
     throughput = summary["throughput"]
     return {"steps": summary["global_step"], "train_seconds": throughput["train_seconds"],
             "cpu_seconds": throughput["train_cpu_seconds"],
@@ -264,20 +266,21 @@ class Bench:
         import datasets
         from transformers import logging as hf_logging
 
-        from finetune.data import load_splits
+        from finetune.data import load_raw, load_splits
         from finetune.models import resolve_checkpoint
-        from finetune.tasks import TASKS
+        from finetune.tasks import new_task
 
         datasets.disable_progress_bars()
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
         self.config = config
         self.make_collator = collator
-        self.task = TASKS[config.run.task](config)
         self.checkpoint = resolve_checkpoint(config.model)
-        self.tokenizer = self.task.load_tokenizer(self.checkpoint)
-        self.splits = load_splits(self.task, config)
-        self.features = datasets.DatasetDict({name: self.task.preprocess(split, self.tokenizer, name)
+        raw = load_raw(config.data, config.run.seed)
+        self.task = new_task(config, self.checkpoint, raw)
+        self.tokenizer = self.task.tokenizer
+        self.splits = load_splits(self.task, config, raw)
+        self.features = datasets.DatasetDict({name: self.task.features(split, name)
                                               for name, split in self.splits.items()})
 
     def describe(self, steps: int) -> str:
@@ -294,7 +297,7 @@ class Bench:
         from finetune.models import DEFAULT_TARGET_MODULES
 
         model = self.task.auto_class.from_pretrained(self.checkpoint.path, gguf_file=self.checkpoint.gguf_file,
-                                                     **self.task.base_model_kwargs())
+                                                     **self.task.model_kwargs())
         lora = self.config.lora
         targets = lora.target_modules or DEFAULT_TARGET_MODULES.get(model.config.model_type, "all-linear")
         return get_peft_model(model, LoraConfig(task_type=self.task.peft_task_type, r=lora.r,
@@ -306,7 +309,7 @@ class Bench:
         lengths = sorted(self.features["train"]["length"])
         median = lengths[len(lengths) // 2]
         rows = self.features["train"].filter(lambda r: r["length"] == median)
-        batch = self.task.collate(list(rows.select(range(min(8, len(rows))))), self.tokenizer)
+        batch = self.task.collate(list(rows.select(range(min(8, len(rows))))))
         batch = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
         return training_flops_per_token(self.build_model(), batch)
 
@@ -334,8 +337,8 @@ class Bench:
         ``score``: evaluate the trained model on the test split (not for warm-up runs)."""
         from transformers import TrainingArguments, set_seed
 
-        from finetune.evaluation import reset_accelerator_state
-        from finetune.train import dataloader_workers
+        from finetune.accelerator import reset_accelerator_state
+        from finetune.batching import dataloader_workers
 
         reset_accelerator_state()  # the Trainer makes its own Accelerator
         t = self.config.train
@@ -364,10 +367,12 @@ class Bench:
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         """Our held-out evaluation (the same code that scores our runs) on the baseline's trained model."""
-        from finetune.evaluation import eval_dataloader, evaluate, make_accelerator
+        from finetune.accelerator import make_accelerator
+        from finetune.batching import eval_dataloader
+        from finetune.evaluation import evaluate
 
         accelerator = make_accelerator(self.config.train.mixed_precision)
-        loader = eval_dataloader(self.task, self.features["test"], self.tokenizer, self.config.eval.batch_size)
+        loader = eval_dataloader(self.task, self.features["test"], self.config.eval.batch_size)
         model, loader = accelerator.prepare(model, loader)
         result = evaluate(self.task, model, loader, accelerator, self.splits["test"], self.features["test"])
         return {k: v for k, v in result.metrics.items() if isinstance(v, float)}
@@ -377,7 +382,8 @@ def compare(bench: Bench, recipe: Path, args: argparse.Namespace, overrides: lis
             higher_is_better: dict[str, bool], tolerance: dict[str, float]) -> bool:
     """Warm-up, the baseline's precision, measured rounds of every side, the table. Returns whether our
     held-out metrics are within tolerance of the baseline's."""
-    from finetune.config import load_config, resolve_mixed_precision
+    from finetune.accelerator import resolve_mixed_precision
+    from finetune.recipes import load_config
 
     peaks = args.peaks
     print(bench.describe(args.steps), flush=True)

@@ -43,7 +43,7 @@ def main() -> None:
     args = parser.parse_args()
     common.start(args, "SFT generation: SmolLM2-135M-Instruct + LoRA on ChatterBot, ours vs Trainer + peft")
 
-    from finetune.config import load_config
+    from finetune.recipes import load_config
 
     overrides = ["train.eval_every_steps=null", "train.log_every_steps=1000000", "eval.before_training=false",
                  "eval.generate_samples=0", *args.overrides]

@@ -1,9 +1,10 @@
 """Crash-safe, resumable checkpoints and graceful stops.
 
-A checkpoint is ``run_dir/checkpoints/step-NNNNNNNN/``: what ``accelerator.save_state`` writes (model,
-optimizer, scheduler, grad scaler, every RNG state) plus ``trainer_state.json`` (step, epoch, batches of
-the epoch already consumed, best metric, patience). It is written into ``step-N.tmp`` and renamed when
-complete, so a folder without ``.tmp`` and with its state file is whole; anything else is ignored.
+A checkpoint is ``RunFolder.checkpoint(step)`` (``checkpoints/step-NNNNNNNN/``): what
+``accelerator.save_state`` writes (model, optimizer, scheduler, grad scaler, every RNG state) plus the trainer
+state file (step, epoch, batches of the epoch already consumed, best metric, patience). It is written into
+``step-N.tmp`` and renamed when complete, so a folder without ``.tmp`` and with its state file is whole;
+anything else is ignored.
 """
 
 from __future__ import annotations
@@ -22,11 +23,10 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
 from finetune.errors import FinetuneError
+from finetune.run_folder import CHECKPOINT_STATE, RunFolder
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINTS_DIR = "checkpoints"
-STATE_FILE = "trainer_state.json"  # written last inside a checkpoint
 FAULT_ENV = "FINETUNE_FAULT"
 """Fault injection for the crash tests: ``kill-after-step:N`` or ``kill-in-checkpoint:N`` sends SIGKILL
 to this process at that point. Unset in normal use."""
@@ -47,6 +47,12 @@ class TrainerState:
     skipped_batches: int = 0
     """Micro-batches skipped for a non-finite loss (``train.on_nonfinite_loss: skip``)."""
 
+    def improves(self, value: float, higher_is_better: bool) -> bool:
+        """Whether a validation metric ``value`` beats the best so far."""
+        if self.best_metric is None:
+            return True
+        return value > self.best_metric if higher_is_better else value < self.best_metric
+
 
 def inject_fault(point: str, step: int) -> None:
     """Kill this process hard at a named point when the crash tests ask for it."""
@@ -54,9 +60,9 @@ def inject_fault(point: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainerState, keep: int) -> Path:
+def save_checkpoint(accelerator: Accelerator, run: RunFolder, state: TrainerState, keep: int) -> Path:
     """Write a resumable checkpoint atomically and keep only the newest ``keep``."""
-    final = run_dir / CHECKPOINTS_DIR / f"step-{state.global_step:08d}"
+    final = run.checkpoint(state.global_step)
     tmp = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process:
         if tmp.exists():
@@ -68,11 +74,11 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainerState
     accelerator.save_state(str(tmp))
     if accelerator.is_main_process:
         inject_fault("kill-in-checkpoint", state.global_step)
-        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2), encoding="utf-8")
+        (tmp / CHECKPOINT_STATE).write_text(json.dumps(asdict(state), indent=2), encoding="utf-8")
         if final.exists():
             _remove(final)
         os.replace(tmp, final)
-        for old in complete_checkpoints(run_dir)[:-keep]:
+        for old in complete_checkpoints(run)[:-keep]:
             _remove(old)
     accelerator.wait_for_everyone()
     return final
@@ -85,49 +91,49 @@ def _remove(folder: Path) -> None:
     shutil.rmtree(trash)
 
 
-def complete_checkpoints(run_dir: Path) -> list[Path]:
+def complete_checkpoints(run: RunFolder) -> list[Path]:
     """Whole checkpoints, oldest first."""
-    folder = run_dir / CHECKPOINTS_DIR
+    folder = run.checkpoints
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir()
-                  if p.is_dir() and p.name.startswith("step-") and "." not in p.name and (p / STATE_FILE).is_file())
+    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step-") and "." not in p.name
+                  and (p / CHECKPOINT_STATE).is_file())
 
 
-def incomplete_checkpoints(run_dir: Path) -> list[Path]:
-    folder = run_dir / CHECKPOINTS_DIR
+def incomplete_checkpoints(run: RunFolder) -> list[Path]:
+    folder = run.checkpoints
     if not folder.is_dir():
         return []
-    whole = set(complete_checkpoints(run_dir))
+    whole = set(complete_checkpoints(run))
     return sorted(p for p in folder.iterdir() if p.name.startswith("step-") and p not in whole)
 
 
-def load_checkpoint(accelerator: Accelerator, run_dir: Path, resume: str) -> tuple[TrainerState, Path | None]:
+def load_checkpoint(accelerator: Accelerator, run: RunFolder, resume: str) -> tuple[TrainerState, Path | None]:
     """Restore the newest whole checkpoint (``auto``) or a given one; returns the state and its folder.
 
     With ``auto``, a half-written folder is skipped, and one that fails to load (truncated files) makes
     it fall back to the previous whole checkpoint; each is said out loud."""
     if resume != "auto":
         path = Path(resume)
-        if not (path / STATE_FILE).is_file():
-            raise FinetuneError(f"--resume {resume}: not a complete checkpoint (no {STATE_FILE})")
+        if not (path / CHECKPOINT_STATE).is_file():
+            raise FinetuneError(f"--resume {resume}: not a complete checkpoint (no {CHECKPOINT_STATE})")
         return _restore(accelerator, path), path
-    for skipped in incomplete_checkpoints(run_dir):
+    for skipped in incomplete_checkpoints(run):
         accelerator.print(f"ignoring incomplete checkpoint {skipped} (it was being written when the run stopped)")
-    candidates = complete_checkpoints(run_dir)
+    candidates = complete_checkpoints(run)
     for path in reversed(candidates):
         try:
             return _restore(accelerator, path), path
         except FinetuneError as exc:
             accelerator.print(f"{exc}; falling back to the previous checkpoint")
     if candidates:
-        raise FinetuneError(f"no checkpoint of {run_dir} could be loaded; start again with --overwrite")
+        raise FinetuneError(f"no checkpoint of {run.path} could be loaded; start again with --overwrite")
     return TrainerState(), None
 
 
 def _restore(accelerator: Accelerator, path: Path) -> TrainerState:
     try:
-        state = TrainerState(**json.loads((path / STATE_FILE).read_text(encoding="utf-8")))
+        state = TrainerState(**json.loads((path / CHECKPOINT_STATE).read_text(encoding="utf-8")))
         accelerator.load_state(str(path))
     except Exception as exc:  # truncated safetensors / pickle files raise many different types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

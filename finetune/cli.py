@@ -13,7 +13,6 @@ from typing import Any
 
 from finetune.errors import ConfigError, FinetuneError
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 # Inputs `finetune predict` takes on the command line; each task reads the fields it needs.
 INPUT_FIELDS = {
     "text": "a text to classify or translate",
@@ -130,22 +129,8 @@ def configure_logging(debug: bool) -> None:
         warnings.filterwarnings("ignore", category=UserWarning, module="peft")
 
 
-def resolve_recipe(name: str) -> tuple[Path, str]:
-    """A recipe path, or the name of a shipped recipe -> (path, recipe name)."""
-    path = Path(name)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise ConfigError(f"recipe file not found: {path}")
-        return path, path.stem
-    shipped = RECIPES_DIR / f"{name}.yaml"
-    if shipped.is_file():
-        return shipped, name
-    known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
-    raise ConfigError(f"unknown recipe {name!r}; shipped recipes: {known}")
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    from finetune.config import load_config
+    from finetune.recipes import load_config, resolve_recipe
     from finetune.train import train
 
     path, recipe_name = resolve_recipe(args.recipe)
@@ -155,9 +140,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from finetune.report import format_metrics
-    from finetune.run import load_run
     from finetune.evaluation import evaluate_run
+    from finetune.report import format_metrics
+    from finetune.trained_run import load_run
 
     run = load_run(args.run_dir, args.overrides, revision=args.revision)
     result = evaluate_run(run, split=args.split, file=args.file)
@@ -167,13 +152,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from finetune.run import load_run
+    from finetune.trained_run import load_run
 
     inputs = read_inputs(args)
     run = load_run(args.run_dir, revision=args.revision)
-    if args.stream or (args.stream is None and sys.stderr.isatty()):
-        run.task.stream = sys.stderr
-    predictions = run.task.predict(run.model, run.tokenizer, inputs)
+    stream = sys.stderr if args.stream or (args.stream is None and sys.stderr.isatty()) else None
+    predictions = run.task.predict(run.model, inputs, stream=stream)
     out = args.output.open("w", encoding="utf-8") if args.output else sys.stdout
     try:
         for row in predictions:
@@ -221,6 +205,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def cmd_recipes(args: argparse.Namespace) -> int:
     import yaml
+
+    from finetune.recipes import RECIPES_DIR
 
     for path in sorted(RECIPES_DIR.glob("*.yaml")):
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}

@@ -1,8 +1,13 @@
-"""Typed run configuration: a recipe YAML plus ``key=value`` overrides, validated before any model loads.
+"""Typed run configuration: the schema of a recipe, its parsing and its checks. It knows no task.
 
 A recipe has one section per dataclass below (``run``, ``model``, ``data``, ``lora``, ``train``,
-``eval``). Every key is checked: an unknown key, a value of the wrong type or an impossible value
-raises :class:`ConfigError` naming the dotted key and what is allowed.
+``eval``). ``data`` and ``eval`` hold what every task uses; a task adds its own keys (its columns, its
+evaluation knobs) by subclassing :class:`DataConfig` / :class:`EvalConfig` in its own file, and
+:func:`build_config` is given those classes by whoever knows the task (``finetune.recipes``).
+
+Every key is checked: an unknown key, a value of the wrong type or an impossible value raises
+:class:`ConfigError` naming the dotted key and what is allowed. Each section checks its own values in
+``validate`` with :func:`check`, so every such error reads the same.
 """
 
 from __future__ import annotations
@@ -18,6 +23,14 @@ import yaml
 
 from finetune.errors import ConfigError
 
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive")
+
+
+def check(ok: bool, key: str, expected: str, value: Any) -> None:
+    """Raise the one-line error for config key ``key`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"config key '{key}' must be {expected}; got {value!r}")
+
 
 @dataclass
 class RunConfig:
@@ -29,6 +42,11 @@ class RunConfig:
     """Run folder name under ``output_dir``; default ``<recipe>-<timestamp>``."""
     output_dir: str = "runs"
     seed: int = 42
+
+    def validate(self) -> None:
+        if self.name is not None:
+            check(bool(self.name) and "/" not in self.name and self.name not in (".", ".."), "run.name",
+                  "a plain folder name", self.name)
 
 
 @dataclass
@@ -47,10 +65,14 @@ class ModelConfig:
     attn_implementation: str | None = "sdpa"
     """Attention kernel passed to transformers (``sdpa``, ``eager``, ...); null keeps the model's default."""
 
+    def validate(self) -> None:
+        pass
+
 
 @dataclass
 class DataConfig:
-    """Where the examples come from and which columns hold what."""
+    """Where the examples come from and how held-out splits are made; a task subclasses it to add its
+    columns."""
 
     source: str = "builtin:tweet-sentiment"
     """``builtin:<name>``, a Hub dataset id, or ``files`` (then ``train_file`` and friends)."""
@@ -66,67 +88,25 @@ class DataConfig:
     """Share of train held out for validation when the data has no validation split."""
     test_size: float = 0.1
     """Share of train held out for testing when the data has no test split."""
-    text_column: str = "text"
-    text_pair_column: str | None = None
-    """Second text for sentence-pair classification."""
-    label_column: str = "label"
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     """Cap on validation examples used for evaluation during training."""
     max_test_samples: int | None = None
     max_length: int = 128
     """Tokens per example; longer inputs are truncated."""
-    shape: Literal["auto", "text", "prompt_response", "messages"] = "auto"
-    """Generation: plain ``text`` (language modelling), ``prompt_response`` pairs or chat ``messages`` lists
-    (supervised fine-tuning); ``auto`` picks from the columns: messages, else prompt + response, else text."""
-    prompt_column: str = "prompt"
-    response_column: str = "response"
-    messages_column: str = "messages"
-    """Generation: a list of ``{role, content}`` turns; the last (assistant) turn is the response."""
-    use_chat_template: bool = True
-    """Generation: format prompts with the tokenizer's chat template when it has one (else ``prompt_template``)."""
-    system_prompt: str | None = None
-    """Generation with a chat template: a system turn put before each prompt; null keeps the template's
-    own default (some templates insert a long one: a short one saves tokens on every sample)."""
-    prompt_template: str = "### Prompt:\n{prompt}\n### Response:\n"
-    """Generation without a chat template: the text the response follows; ``{prompt}`` is replaced."""
-    packing: bool = False
-    """Generation SFT: pack several training samples into each row of up to ``max_length`` tokens; attention
-    and positions stay inside each sample. Plain text is always concatenated and cut into blocks."""
-    overlength: Literal["truncate", "drop"] = "truncate"
-    """Generation SFT samples longer than ``max_length``: ``truncate`` (the prompt loses its start, the
-    response its end; EOS is kept only with a whole response) or ``drop``; counted in the log."""
-    question_column: str = "question"
-    """Question answering: the question."""
-    context_column: str = "context"
-    """Question answering: the passage that holds the answer."""
-    answers_column: str = "answers"
-    """Question answering: SQuAD-form answers ``{text: [...], answer_start: [...]}`` (character offsets)."""
-    id_column: str | None = "id"
-    """Question answering: a unique id per example; null numbers the rows."""
-    unanswerable: bool | None = None
-    """Question answering: questions may have no answer (SQuAD v2); null: yes when the data has one."""
-    doc_stride: int = 128
-    """Question answering: tokens shared by consecutive windows of a context longer than max_length (below it)."""
-    on_bad_example: Literal["error", "skip"] = "error"
-    """An example the task rejects (e.g. an answer not at its answer_start): stop with an error, or skip and
-    count it."""
-    source_lang: str | None = None
-    """Translation: source language code (``en``); the key in ``translation_column`` and the prompt's language."""
-    target_lang: str | None = None
-    """Translation: target language code (``es``)."""
-    translation_column: str = "translation"
-    """Translation: column of ``{source_lang: ..., target_lang: ...}`` pairs (the Hub's usual shape)."""
-    source_column: str | None = None
-    """Translation: a plain column of source texts, instead of ``translation_column`` (with ``target_column``)."""
-    target_column: str | None = None
-    """Translation: a plain column of reference translations (with ``source_column``)."""
-    source_prefix: str | None = None
-    """Translation, encoder-decoder: text put before each source; null: T5's ``translate English to Spanish: ``."""
-    source_lang_code: str | None = None
-    """Translation: the tokenizer's source language token (mBART ``en_XX``, NLLB ``eng_Latn``); null: found."""
-    target_lang_code: str | None = None
-    """Translation: the tokenizer's target language token (forced as first generated token)."""
+
+    def validate(self) -> None:
+        check(0 <= self.validation_size < 1, "data.validation_size", "in [0, 1)", self.validation_size)
+        check(0 <= self.test_size < 1, "data.test_size", "in [0, 1)", self.test_size)
+        check(self.validation_size + self.test_size < 1, "data.test_size",
+              "such that validation_size + test_size < 1", self.test_size)
+        check(self.max_length >= 8, "data.max_length", ">= 8", self.max_length)
+        for key in ("max_train_samples", "max_eval_samples", "max_test_samples"):
+            value = getattr(self, key)
+            check(value is None or value > 0, f"data.{key}", "a positive integer or null", value)
+        if self.source == "files":
+            check(self.train_file is not None or self.test_file is not None, "data.train_file",
+                  "a file path when data.source is 'files'", self.train_file)
 
 
 @dataclass
@@ -139,6 +119,11 @@ class LoraSettings:
     dropout: float = 0.1
     target_modules: list[str] | None = None
     """Module names to adapt; null picks a default for the architecture."""
+
+    def validate(self) -> None:
+        check(self.r > 0, "lora.r", "> 0", self.r)
+        check(self.alpha > 0, "lora.alpha", "> 0", self.alpha)
+        check(0 <= self.dropout < 1, "lora.dropout", "in [0, 1)", self.dropout)
 
 
 @dataclass
@@ -195,36 +180,48 @@ class TrainConfig:
     trackers: list[str] = field(default_factory=list)
     """accelerate trackers, e.g. ``[tensorboard]``."""
 
+    def validate(self) -> None:
+        check(self.epochs > 0, "train.epochs", "> 0", self.epochs)
+        check(self.max_steps is None or self.max_steps > 0, "train.max_steps", "a positive integer or null",
+              self.max_steps)
+        check(self.batch_size > 0, "train.batch_size", "> 0", self.batch_size)
+        check(self.gradient_accumulation_steps > 0, "train.gradient_accumulation_steps", "> 0",
+              self.gradient_accumulation_steps)
+        check(self.learning_rate > 0, "train.learning_rate", "> 0", self.learning_rate)
+        check(self.weight_decay >= 0, "train.weight_decay", ">= 0", self.weight_decay)
+        check(0 <= self.warmup_ratio < 1, "train.warmup_ratio", "in [0, 1)", self.warmup_ratio)
+        check(self.max_grad_norm is None or self.max_grad_norm > 0, "train.max_grad_norm", "> 0 or null",
+              self.max_grad_norm)
+        for key in ("eval_every_steps", "save_every_steps", "early_stopping_patience"):
+            value = getattr(self, key)
+            check(value is None or value > 0, f"train.{key}", "a positive integer or null", value)
+        check(self.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1", self.keep_checkpoints)
+        check(self.log_every_steps > 0, "train.log_every_steps", "> 0", self.log_every_steps)
+        check(self.pad_to_multiple_of is None or self.pad_to_multiple_of > 0, "train.pad_to_multiple_of",
+              "> 0 or null", self.pad_to_multiple_of)
+        check(self.num_workers is None or self.num_workers >= 0, "train.num_workers", ">= 0 or null",
+              self.num_workers)
+        for tracker in self.trackers:
+            check(tracker in TRACKERS, "train.trackers",
+                  "a list of accelerate trackers (tensorboard, wandb, mlflow, ...)", tracker)
+
 
 @dataclass
 class EvalConfig:
-    """Held-out evaluation."""
+    """Held-out evaluation; a task subclasses it to add its own knobs."""
 
     batch_size: int = 64
     before_training: bool = False
     """Also evaluate the untouched base model on the test split before training (a zero-shot reference)."""
-    generate_samples: int = 32
-    """Generation: held-out test prompts to generate for (the first N of the test split); 0 skips generation."""
-    max_new_tokens: int = 64
-    """Generation and translation: cap on new tokens per generated answer."""
-    do_sample: bool = False
-    """Generation: sample (with ``temperature`` and ``top_p``) instead of greedy decoding."""
-    temperature: float = 1.0
-    top_p: float = 1.0
-    n_best_size: int = 20
-    """Question answering: start and end candidates per window considered for the answer span."""
-    max_answer_length: int = 30
-    """Question answering: the longest answer span, in tokens."""
-    null_score_threshold: float = 0.0
-    """Question answering with unanswerable questions: answer nothing when the no-answer score beats the
-    best span's by more than this (raise it for fewer empty answers)."""
-    num_beams: int = 1
-    """Translation: 1 = greedy decoding, more = beam search."""
+
+    def validate(self) -> None:
+        check(self.batch_size > 0, "eval.batch_size", "> 0", self.batch_size)
 
 
 @dataclass
 class Config:
-    """A whole run."""
+    """A whole run. ``data`` and ``eval`` are instances of the task's subclasses of :class:`DataConfig`
+    and :class:`EvalConfig`."""
 
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -236,16 +233,24 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def validate(self) -> None:
+        for section in dataclasses.fields(self):
+            getattr(self, section.name).validate()
 
-def load_config(recipe: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Read a recipe YAML (or start from defaults), apply ``key=value`` overrides, validate."""
+
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
+
+
+# --- reading recipes ------------------------------------------------------------------------------
+def read_recipe(recipe: str | Path | None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """A recipe YAML (or nothing) with ``key=value`` overrides applied: nested dicts, not yet checked."""
     raw: dict[str, Any] = {}
     if recipe is not None:
         raw = read_yaml(Path(recipe))
     for item in overrides or []:
         key, value = parse_override(item)
         set_dotted(raw, key, value)
-    return config_from_dict(raw)
+    return raw
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -294,33 +299,45 @@ def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def config_from_dict(raw: dict[str, Any]) -> Config:
-    """Build and validate a :class:`Config` from nested dicts."""
-    sections = {f.name: f for f in dataclasses.fields(Config)}
+def task_name(raw: dict[str, Any]) -> str:
+    """``run.task`` of a raw recipe (the default when it has none): which task's sections to build."""
+    run = raw.get("run")
+    value = run.get("task", RunConfig.task) if isinstance(run, dict) else RunConfig.task
+    return _coerce("run.task", str, value)
+
+
+def build_config(raw: dict[str, Any], sections: dict[str, type] | None = None,
+                 foreign_keys: dict[str, str] | None = None) -> Config:
+    """Build and validate a :class:`Config` from nested dicts. ``sections`` replaces section classes
+    (a task's ``data`` and ``eval``); ``foreign_keys`` maps ``section.key`` of other tasks to the task that
+    owns it, so that such a key gets an error saying so."""
+    classes = {**SECTIONS, **(sections or {})}
     values: dict[str, Any] = {}
     for name, section in raw.items():
-        if name not in sections:
-            raise ConfigError(f"unknown config section {name!r}; known sections: {', '.join(sections)}")
+        if name not in classes:
+            raise ConfigError(f"unknown config section {name!r}; known sections: {', '.join(classes)}")
         if section is None:
             section = {}
         if not isinstance(section, dict):
             raise ConfigError(f"config section {name!r} must be a mapping, got {section!r}")
-        values[name] = _build_section(name, _section_class(sections[name]), section)
+        values[name] = _build_section(name, classes[name], section, foreign_keys or {})
+    for name, cls in classes.items():
+        values.setdefault(name, cls())
     config = Config(**values)
-    validate(config)
+    config.validate()
     return config
 
 
-def _section_class(f: dataclasses.Field) -> type:
-    return typing.get_type_hints(Config)[f.name]
-
-
-def _build_section(section: str, cls: type, raw: dict[str, Any]) -> Any:
+def _build_section(section: str, cls: type, raw: dict[str, Any], foreign_keys: dict[str, str]) -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in raw.items():
         if key not in known:
+            owner = foreign_keys.get(f"{section}.{key}")
+            if owner is not None:
+                raise ConfigError(f"config key '{section}.{key}' belongs to task {owner}, not to this run's task "
+                                  f"(run.task); keys in '{section}' here: {', '.join(sorted(known))}")
             raise ConfigError(
                 f"unknown config key '{section}.{key}'; known keys in '{section}': {', '.join(sorted(known))}"
             )
@@ -382,74 +399,6 @@ def _coerce(key: str, annotation: Any, value: Any) -> Any:
     raise ConfigError(f"config key '{key}': unsupported type {annotation}")  # pragma: no cover
 
 
-def validate(config: Config) -> None:
-    """Reject impossible values with the key that holds them."""
-    from finetune.tasks import TASKS  # late import: tasks import this module
-
-    def need(ok: bool, key: str, expected: str, value: Any) -> None:
-        if not ok:
-            raise ConfigError(f"config key '{key}' must be {expected}; got {value!r}")
-
-    need(config.run.task in TASKS, "run.task", f"one of {', '.join(sorted(TASKS))}", config.run.task)
-    if config.run.name is not None:
-        need(bool(config.run.name) and "/" not in config.run.name and config.run.name not in (".", ".."),
-             "run.name", "a plain folder name", config.run.name)
-    d, t, lo = config.data, config.train, config.lora
-    need(0 <= d.validation_size < 1, "data.validation_size", "in [0, 1)", d.validation_size)
-    need(0 <= d.test_size < 1, "data.test_size", "in [0, 1)", d.test_size)
-    need(d.validation_size + d.test_size < 1, "data.test_size", "such that validation_size + test_size < 1",
-         d.test_size)
-    need(d.max_length >= 8, "data.max_length", ">= 8", d.max_length)
-    need(d.doc_stride >= 0, "data.doc_stride", ">= 0", d.doc_stride)
-    for key in ("max_train_samples", "max_eval_samples", "max_test_samples"):
-        value = getattr(d, key)
-        need(value is None or value > 0, f"data.{key}", "a positive integer or null", value)
-    if d.source == "files":
-        need(d.train_file is not None or d.test_file is not None, "data.train_file",
-             "a file path when data.source is 'files'", d.train_file)
-    need(lo.r > 0, "lora.r", "> 0", lo.r)
-    need(lo.alpha > 0, "lora.alpha", "> 0", lo.alpha)
-    need(0 <= lo.dropout < 1, "lora.dropout", "in [0, 1)", lo.dropout)
-    need(t.epochs > 0, "train.epochs", "> 0", t.epochs)
-    need(t.max_steps is None or t.max_steps > 0, "train.max_steps", "a positive integer or null", t.max_steps)
-    need(t.batch_size > 0, "train.batch_size", "> 0", t.batch_size)
-    need(t.gradient_accumulation_steps > 0, "train.gradient_accumulation_steps", "> 0",
-         t.gradient_accumulation_steps)
-    need(t.learning_rate > 0, "train.learning_rate", "> 0", t.learning_rate)
-    need(t.weight_decay >= 0, "train.weight_decay", ">= 0", t.weight_decay)
-    need(0 <= t.warmup_ratio < 1, "train.warmup_ratio", "in [0, 1)", t.warmup_ratio)
-    need(t.max_grad_norm is None or t.max_grad_norm > 0, "train.max_grad_norm", "> 0 or null", t.max_grad_norm)
-    for key in ("eval_every_steps", "save_every_steps", "early_stopping_patience"):
-        value = getattr(t, key)
-        need(value is None or value > 0, f"train.{key}", "a positive integer or null", value)
-    need(t.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1", t.keep_checkpoints)
-    need(t.log_every_steps > 0, "train.log_every_steps", "> 0", t.log_every_steps)
-    need(t.pad_to_multiple_of is None or t.pad_to_multiple_of > 0, "train.pad_to_multiple_of", "> 0 or null",
-         t.pad_to_multiple_of)
-    need(t.num_workers is None or t.num_workers >= 0, "train.num_workers", ">= 0 or null", t.num_workers)
-    for tracker in t.trackers:
-        need(tracker in ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive"),
-             "train.trackers", "a list of accelerate trackers (tensorboard, wandb, mlflow, ...)", tracker)
-    need(config.eval.batch_size > 0, "eval.batch_size", "> 0", config.eval.batch_size)
-    need(config.eval.n_best_size > 0, "eval.n_best_size", "> 0", config.eval.n_best_size)
-    need(config.eval.max_answer_length > 0, "eval.max_answer_length", "> 0", config.eval.max_answer_length)
-    TASKS[config.run.task].validate_config(config)
-
-
 def dump_config(config: Config, path: Path) -> None:
-    """Write the resolved config as YAML that :func:`load_config` reads back to the same values."""
+    """Write the resolved config as YAML that ``finetune.recipes.load_config`` reads back to the same values."""
     path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
-
-
-def resolve_mixed_precision(setting: str) -> str:
-    """``auto``: bf16 on GPUs that support it and on CPUs with AVX512-BF16 or AMX, else fp32."""
-    if setting != "auto":
-        return setting
-    import torch  # late: validating a recipe should not pay for importing torch
-
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    cpu = torch.cpu
-    has_bf16 = getattr(cpu, "_is_avx512_bf16_supported", lambda: False)() or \
-        getattr(cpu, "_is_amx_tile_supported", lambda: False)()
-    return "bf16" if has_bf16 else "no"

@@ -1,8 +1,9 @@
 """Data sources (built-in, Hub, local files) and held-out splits.
 
-The flow: :func:`load_raw` returns whatever splits the source has; the task checks columns and
-encodes labels; :func:`make_splits` returns exactly ``train`` / ``validation`` / ``test``, carving
-the missing held-out splits from train with a seeded (optionally stratified) split.
+The flow: :func:`load_raw` returns whatever splits the source has; the task learns from its training split
+(:func:`training_split`) and checks every row (``Task.prepare``); :func:`make_splits` returns exactly
+``train`` / ``validation`` / ``test``, carving the missing held-out splits from train with a seeded
+(optionally stratified) split.
 """
 
 from __future__ import annotations
@@ -179,6 +180,14 @@ def require_columns(dataset: datasets.Dataset, columns: dict[str, str] | list[st
         raise DataError(f"{where}: no column {named}; it has: {', '.join(dataset.column_names)}")
 
 
+def training_split(raw: datasets.DatasetDict, cfg: DataConfig) -> tuple[datasets.Dataset, str]:
+    """The source's training split and its name for messages (what a task learns from)."""
+    if cfg.train_split not in raw:
+        raise DataError(f"{cfg.source}: no {cfg.train_split!r} split (data.train_split); "
+                        f"it has: {', '.join(raw) or 'none'}")
+    return raw[cfg.train_split], describe_split(raw, cfg.train_split, cfg)
+
+
 def describe_split(raw: datasets.DatasetDict, split: str, cfg: DataConfig) -> str:
     """Name of a split for messages: the file it came from or the source and split name."""
     files = {cfg.train_split: cfg.train_file, cfg.validation_split: cfg.validation_file,
@@ -192,10 +201,7 @@ def make_splits(raw: datasets.DatasetDict, cfg: DataConfig, seed: int,
                 stratify_column: str | None = None) -> datasets.DatasetDict:
     """Return ``train``/``validation``/``test``: the source's own splits where it has them,
     otherwise seeded (stratified when ``stratify_column`` is a ClassLabel) held-out parts of train."""
-    if cfg.train_split not in raw:
-        raise DataError(f"{cfg.source}: no {cfg.train_split!r} split (data.train_split); "
-                        f"it has: {', '.join(raw) or 'none'}")
-    train = raw[cfg.train_split]
+    train, _ = training_split(raw, cfg)
     splits: dict[str, datasets.Dataset] = {}
     carved = 0.0  # share of the original train already held out
     for name, own, size in (("test", cfg.test_split, cfg.test_size),
@@ -238,9 +244,10 @@ def cap(dataset: datasets.Dataset, limit: int | None, seed: int) -> datasets.Dat
     return dataset.shuffle(seed=seed).select(range(limit)).flatten_indices()
 
 
-def load_splits(task: Any, config: Config) -> datasets.DatasetDict:
-    """Raw source -> task-checked examples -> train/validation/test, capped as the recipe asks."""
-    raw = task.prepare_raw(load_raw(config.data, config.run.seed))
+def load_splits(task: Any, config: Config, raw: datasets.DatasetDict | None = None) -> datasets.DatasetDict:
+    """Raw source (``raw``, or loaded here) -> examples checked by the bound task (``Task.prepare``) ->
+    train/validation/test, capped as the recipe asks."""
+    raw = task.prepare(raw if raw is not None else load_raw(config.data, config.run.seed))
     splits = make_splits(raw, config.data, config.run.seed, task.stratify_column)
     d, seed = config.data, config.run.seed
     return datasets.DatasetDict({

@@ -1,7 +1,7 @@
 """Merge a run's LoRA adapter into its base model: one plain transformers model that loads with no peft.
 
-Its own module rather than ``models.py``: merging needs a whole run (config, task, label map, and the
-Hub pull of ``finetune.run``), and ``run.py`` already imports ``models.py``.
+Its own module rather than ``models.py``: merging needs a whole trained run (config, task, label map, and
+the Hub pull), loaded by ``finetune.trained_run``, which imports ``models.py``.
 
 The merge happens in float32 on a float copy of the base. Merging into quantized weights would round
 the small LoRA delta away (and bitsandbytes/GGUF blocks cannot be saved as a plain model anyway), so a
@@ -20,7 +20,8 @@ from peft import PeftModel
 from transformers import PreTrainedModel
 
 from finetune.errors import ModelError, RunFolderError
-from finetune.run import is_adapter, load_run, locate_run, weights_dir
+from finetune.run_folder import is_adapter
+from finetune.trained_run import load_run, locate_run
 
 # Module classes that hold quantized weights (bitsandbytes, GGUF blocks, GPTQ/AWQ kernels).
 QUANTIZED_MODULES = ("Linear4bit", "Linear8bitLt", "GgufLinear", "GgufExperts", "QuantLinear", "WQLinear")
@@ -72,8 +73,8 @@ def merge_run(ref: str | Path, out: Path, *, revision: str | None = None, dtype:
     transformers model (safetensors), its tokenizer and task files (label map in ``config.id2label``)."""
     if dtype not in DTYPES:
         raise ModelError(f"--dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
-    run_dir = locate_run(ref, revision)
-    folder = weights_dir(run_dir)
+    run_folder = locate_run(ref, revision)
+    folder = run_folder.weights()
     if not is_adapter(folder):
         raise RunFolderError(f"{ref} was fully fine-tuned: {folder} already holds a plain transformers model, "
                              f"there is no adapter to merge")
@@ -81,7 +82,7 @@ def merge_run(ref: str | Path, out: Path, *, revision: str | None = None, dtype:
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise RunFolderError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
 
-    run = load_run(run_dir)
+    run = load_run(run_folder.path)
     merged = merge_adapter(run.model, f"{ref} (base {run.config.model.name_or_path})").to(DTYPES[dtype])
 
     # Written next to the destination, then moved: an interrupted merge leaves no half model at --out.
@@ -89,7 +90,7 @@ def merge_run(ref: str | Path, out: Path, *, revision: str | None = None, dtype:
     shutil.rmtree(partial, ignore_errors=True)
     merged.save_pretrained(str(partial), safe_serialization=True)
     run.tokenizer.save_pretrained(str(partial))
-    run.task.save_artifacts(partial)
+    run.task.save(partial)
     if out.exists():
         shutil.rmtree(out) if out.is_dir() else out.unlink()
     os.replace(partial, out)

@@ -8,11 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.config import Config
-
-PREDICTIONS_FILE = "predictions_test.jsonl"
-CURVE_FILE = "curves.png"
-CARD_FILE = "README.md"
-SOURCE_FILE = "source.json"
+from finetune.run_folder import RunFolder
 
 
 def flatten(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -59,14 +55,14 @@ def truncate_log(path: Path, step: int) -> None:
         os.replace(tmp, path)
 
 
-def write_run(run_dir: Path, config: Config, task: Any, result: Any, summary: dict[str, Any]) -> None:
+def write_run(run: RunFolder, config: Config, task: Any, result: Any, summary: dict[str, Any]) -> None:
     """Predictions, curve, model card, and last ``metrics.json`` (its presence marks a finished run)."""
-    write_predictions(run_dir / PREDICTIONS_FILE, result.predictions)
-    plot_curves(read_log(run_dir / "train_log.jsonl"), run_dir / CURVE_FILE, config.train.metric_for_best)
-    (run_dir / CARD_FILE).write_text(model_card(config, task, summary, read_source(run_dir)), encoding="utf-8")
-    tmp = run_dir / "metrics.json.tmp"
+    write_predictions(run.predictions, result.predictions)
+    plot_curves(read_log(run.log), run.curves, config.train.metric_for_best)
+    run.card.write_text(model_card(config, task, summary, read_source(run)), encoding="utf-8")
+    tmp = run.metrics.with_name(run.metrics.name + ".tmp")
     tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, run_dir / "metrics.json")
+    os.replace(tmp, run.metrics)
 
 
 def write_predictions(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -187,10 +183,9 @@ def card_base_model(config: Config, source: dict[str, Any] | None = None) -> str
     return None if local else OFFLINE_ALIASES.get(name, name)
 
 
-def read_source(run_dir: Path) -> dict[str, Any] | None:
+def read_source(run: RunFolder) -> dict[str, Any] | None:
     """The run's ``source.json`` (where the base weights came from), if written."""
-    path = run_dir / SOURCE_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    return json.loads(run.source.read_text(encoding="utf-8")) if run.source.is_file() else None
 
 
 def _card_dataset(config: Config) -> tuple[str, str]:
@@ -229,18 +224,20 @@ def _local_placeholder(config: Config) -> str:
 
 def _usage(config: Config, task: Any, base: str | None, repo_id: str | None) -> str:
     """Loading code for this model: with finetune, and with transformers (+ peft) alone."""
-    where = repo_id or str(Path(config.run.output_dir) / str(config.run.name))
+    run = RunFolder(Path(config.run.output_dir) / str(config.run.name))
+    where = repo_id or str(run.path)
+    weights = repo_id or str(run.weights_for(config.lora.method))
     auto = task.auto_class.__name__
-    kwargs = "".join(f", {k}={v!r}" for k, v in task.base_model_kwargs().items())
+    kwargs = "".join(f", {k}={v!r}" for k, v in task.model_kwargs().items())
     if config.lora.method == "lora":
-        adapter = repo_id or f"{where}/adapter"
+        adapter = weights
         code = (f"from peft import PeftModel\n"
                 f"from transformers import {auto}, AutoTokenizer\n\n"
                 f"tokenizer = AutoTokenizer.from_pretrained({adapter!r})\n"
                 f"base = {auto}.from_pretrained({base or _local_placeholder(config)!r}{kwargs})\n"
                 f"model = PeftModel.from_pretrained(base, {adapter!r})")
     else:
-        folder = repo_id or f"{where}/model"
+        folder = weights
         code = (f"from transformers import {auto}, AutoTokenizer\n\n"
                 f"tokenizer = AutoTokenizer.from_pretrained({folder!r})\n"
                 f"model = {auto}.from_pretrained({folder!r})")

@@ -20,6 +20,8 @@ import types
 import torch
 import torch.nn.functional as F
 
+from finetune.config import TrainConfig
+
 _INT16_OFFSET = 32768
 
 
@@ -249,3 +251,20 @@ def enable_tf32() -> None:
     else:  # pragma: no cover - older torch
         matmul.allow_tf32 = True
         conv.allow_tf32 = True
+
+
+def apply_speed_options(model: torch.nn.Module, train: TrainConfig, lora_method: str, mixed_precision: str,
+                        on_gpu: bool) -> list[str]:
+    """The result-preserving speed options of ``train`` applied to ``model``; returns what was done, in words."""
+    notes = []
+    if train.fast_dropout and not on_gpu:
+        notes.append(f"fast dropout ({use_fast_dropout(model)} layers)")
+    if train.base_in_bf16 and mixed_precision == "bf16" and lora_method == "lora":
+        notes.append(f"frozen base in bf16 ({store_frozen_linear_in_bf16(model) / 1e6:.1f}M weights)")
+    if train.fast_attention and not on_gpu and use_cpu_training_attention(model):
+        notes.append("CPU training attention")
+    if train.fused_lora and lora_method == "lora":
+        notes.append(f"fused LoRA ({fuse_lora_layers(model)} layers)")
+    if train.compile:
+        notes.append("torch.compile")
+    return notes

@@ -92,3 +92,14 @@ def tiny_overrides(model: Path, csv_path: Path, out: Path, **extra: object) -> l
     }
     values.update(extra)
     return [f"{k}={'null' if v is None else v}" for k, v in values.items()]
+
+
+def bound_task(config, raw=None):
+    """The config's task as a training run makes it: taught by the source's training split (``raw``, or the
+    config's data source) and bound to the checkpoint's tokenizer."""
+    from finetune.data import load_raw
+    from finetune.models import resolve_checkpoint
+    from finetune.tasks import new_task
+
+    raw = load_raw(config.data, config.run.seed) if raw is None else raw
+    return new_task(config, resolve_checkpoint(config.model), raw)

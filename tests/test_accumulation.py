@@ -9,7 +9,7 @@ import pytest
 
 import finetune.train as train_module
 from conftest import synthetic_reviews, tiny_overrides, write_csv
-from finetune.config import load_config
+from finetune.recipes import load_config
 
 
 def test_optimizer_steps_once_per_accumulation_window(tiny_bert: Path, tmp_path: Path,

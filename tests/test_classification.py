@@ -11,7 +11,7 @@ from safetensors import safe_open
 from conftest import synthetic_reviews, tiny_overrides, write_csv
 from finetune.cli import main
 from finetune.evaluation import evaluate_run
-from finetune.run import load_run
+from finetune.trained_run import load_run
 
 LEARNS = {"lora.method": "full", "train.learning_rate": 0.003, "train.epochs": 3, "train.scheduler": "constant",
           "train.warmup_ratio": 0, "train.eval_every_steps": 20}
@@ -37,7 +37,7 @@ def trained_lora(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path) -> P
 
 def test_run_folder_holds_everything(trained_full: Path) -> None:
     for name in ("config.yaml", "metrics.json", "train_log.jsonl", "curves.png", "predictions_test.jsonl",
-                 "README.md", "source.json", "model/labels.json", "model/model.safetensors",
+                 "README.md", "source.json", "model/task.json", "model/model.safetensors",
                  "model/tokenizer.json"):
         assert (trained_full / name).is_file(), name
     metrics = json.loads((trained_full / "metrics.json").read_text())
@@ -100,7 +100,7 @@ def test_csv_with_other_column_names_trains_through_overrides(tiny_bert: Path, t
     data = write_csv(tmp_path / "reviews.csv", rows, header=("review", "stars"))
     overrides = tiny_overrides(tiny_bert, data, tmp_path / "runs", **{"train.epochs": 1})
     assert main(["train", "classify", *overrides, "data.text_column=review", "data.label_column=stars"]) == 0
-    labels = json.loads((tmp_path / "runs" / "tiny" / "adapter" / "labels.json").read_text())["labels"]
+    labels = json.loads((tmp_path / "runs" / "tiny" / "adapter" / "task.json").read_text())["learned"]["labels"]
     assert labels == ["1", "3", "5"]
 
 

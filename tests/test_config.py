@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from finetune.cli import RECIPES_DIR
-from finetune.config import load_config, parse_override
+from finetune.config import parse_override
+from finetune.recipes import RECIPES_DIR, load_config
 from finetune.errors import ConfigError
 
 

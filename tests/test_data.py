@@ -8,16 +8,15 @@ from pathlib import Path
 import datasets
 import pytest
 
-from conftest import synthetic_reviews, write_csv
-from finetune.config import load_config
+from conftest import bound_task, synthetic_reviews, write_csv
 from finetune.data import load_splits, make_splits
 from finetune.errors import DataError
-from finetune.tasks import TASKS
+from finetune.recipes import load_config
 
 
 def splits_for(csv_path: Path, *overrides: str) -> tuple[datasets.DatasetDict, object]:
     config = load_config(None, ["data.source=files", f"data.train_file={csv_path}", *overrides])
-    task = TASKS["classification"](config)
+    task = bound_task(config)
     return load_splits(task, config), task
 
 
@@ -30,7 +29,7 @@ def test_held_out_splits_are_seeded_stratified_and_disjoint(tmp_path: Path) -> N
     assert sum(len(s) for s in splits.values()) == 1000
     overall = collections.Counter(r[1] for r in synthetic_reviews(1000))
     for name in ("train", "test"):
-        counts = collections.Counter(task.label_names[i] for i in splits[name]["label"])
+        counts = collections.Counter(task.learned.labels[i] for i in splits[name]["label"])
         for label, n in overall.items():  # stratified: shares within one example of the overall share
             assert abs(counts[label] - n * len(splits[name]) / 1000) <= 1.0
     again, _ = splits_for(path, "data.validation_size=0.1", "data.test_size=0.2")
@@ -51,7 +50,7 @@ def test_own_splits_are_used_when_present(tmp_path: Path) -> None:
 def test_label_names_are_kept_and_numbers_sort_numerically(tmp_path: Path) -> None:
     rows = [(f"text {i}", str([2, 10, 1][i % 3])) for i in range(30)]
     splits, task = splits_for(write_csv(tmp_path / "n.csv", rows))
-    assert task.label_names == ["1", "2", "10"]
+    assert task.learned.labels == ("1", "2", "10")
     assert splits["train"].features["label"].names == ["1", "2", "10"]
 
 
@@ -116,10 +115,10 @@ def test_too_few_rows_to_hold_out() -> None:
 
 def test_builtin_tweet_sentiment_is_cached(tmp_path: Path) -> None:
     config = load_config(None, ["data.max_train_samples=50"])
-    task = TASKS["classification"](config)
+    task = bound_task(config)
     splits = load_splits(task, config)
-    assert task.label_names == ["negative", "neutral", "positive"]
+    assert task.learned.labels == ("negative", "neutral", "positive")
     assert len(splits["test"]) == 3816  # 10% of 38,158 tweets
     # The second load comes from the on-disk cache (memory-mapped arrow files).
-    again = load_splits(TASKS["classification"](config), config)
+    again = load_splits(bound_task(config), config)
     assert again["test"].cache_files and again["test"]["text"] == splits["test"]["text"]

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from conftest import build_tiny_bert, synthetic_reviews, tiny_overrides, write_csv
 from finetune.checkpoints import FAULT_ENV
 from finetune.evaluation import evaluate_run
-from finetune.run import load_run
+from finetune.trained_run import load_run
 
 pytestmark = pytest.mark.multiprocess
 ROOT = Path(__file__).resolve().parent.parent

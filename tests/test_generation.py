@@ -13,11 +13,12 @@ import datasets
 import pytest
 import torch
 
-from finetune.config import ModelConfig, load_config
+from finetune.config import ModelConfig
+from finetune.data import load_raw
 from finetune.errors import DataError
-from finetune.tasks.generation import (
+from finetune.recipes import load_config
+from finetune.tasks.decoding import (
     IGNORE_INDEX,
-    GenerationTask,
     build_sft_features,
     collate_causal_lm,
     encode_prompt,
@@ -25,6 +26,7 @@ from finetune.tasks.generation import (
     generate_batched,
     pack_sft_features,
 )
+from finetune.tasks.generation import GenerationLearned, GenerationTask
 from tiny_decoder import build_checkpoint, build_model, build_tokenizer, synthetic_pairs, write_gguf
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -124,14 +126,13 @@ def test_packing_preprocess_keeps_every_target(tmp_path, tiny_llama_dir):
     config = load_config(ROOT / "recipes" / "generate.yaml", [
         f"model.name_or_path={tiny_llama_dir}", "data.packing=true", "data.max_length=64", "data.system_prompt=null"])
     task = GenerationTask(config)
-    task.shape = "prompt_response"
-    tokenizer = build_tokenizer()
+    task.bind(GenerationLearned("prompt_response"), build_tokenizer())
     examples = datasets.Dataset.from_list(synthetic_pairs(40))
     plain = GenerationTask(load_config(ROOT / "recipes" / "generate.yaml", [
         f"model.name_or_path={tiny_llama_dir}", "data.max_length=64", "data.system_prompt=null"]))
-    plain.shape = "prompt_response"
-    packed = task.preprocess(examples, tokenizer, "train")
-    unpacked = plain.preprocess(examples, tokenizer, "train")
+    plain.bind(GenerationLearned("prompt_response"), build_tokenizer())
+    packed = task.features(examples, "train")
+    unpacked = plain.features(examples, "train")
     assert len(packed) < len(unpacked) and max(packed["length"]) <= 64
     count = lambda rows: sum(sum(t != IGNORE_INDEX for t in labels) for labels in rows["labels"])  # noqa: E731
     assert count(packed) == count(unpacked)
@@ -222,24 +223,27 @@ def _task_on(path: Path, *overrides: str) -> GenerationTask:
     return GenerationTask(config)
 
 
-def test_missing_field_and_empty_response_name_the_row(tmp_path):
-    from finetune.data import load_raw
+def _prepared(task: GenerationTask) -> datasets.DatasetDict:
+    """The task learns the shape from its file (no checkpoint needed for that), is bound to the tiny
+    tokenizer, and checks every row."""
+    raw = load_raw(task.data, 0)
+    task.bind(task.learn(raw, checkpoint=None), build_tokenizer())
+    return task.prepare(raw)
 
+
+def test_missing_field_and_empty_response_name_the_row(tmp_path):
     rows = synthetic_pairs(6)
     missing = write_jsonl(tmp_path / "missing.jsonl", rows[:3] + [{"prompt": "hey"}] + rows[3:])
-    task = _task_on(missing)
     with pytest.raises(DataError, match=r"missing\.jsonl: row 4, column 'response': missing"):
-        task.prepare_raw(load_raw(task.config.data, 0))
+        _prepared(_task_on(missing))
 
     empty = write_jsonl(tmp_path / "empty.jsonl", rows[:2] + [{"prompt": "hey", "response": "  "}])
-    task = _task_on(empty)
     with pytest.raises(DataError, match=r"empty\.jsonl: row 3, column 'response': empty"):
-        task.prepare_raw(load_raw(task.config.data, 0))
+        _prepared(_task_on(empty))
 
     no_shape = write_jsonl(tmp_path / "question.jsonl", [{"question": "q", "answer": "a"}] * 3)
-    task = _task_on(no_shape)
     with pytest.raises(DataError, match=r"cannot tell the data shape.*question, answer"):
-        task.prepare_raw(load_raw(task.config.data, 0))
+        _prepared(_task_on(no_shape))
 
 
 def test_overlong_samples_are_truncated_or_dropped_and_counted(tmp_path, tiny_llama_dir, caplog):
@@ -249,9 +253,9 @@ def test_overlong_samples_are_truncated_or_dropped_and_counted(tmp_path, tiny_ll
     tokenizer = build_tokenizer()
     for policy, count in (("truncate", 9), ("drop", 8)):
         task = _task_on(path, f"data.overlength={policy}", "data.max_length=48")
-        task.shape = "prompt_response"
+        task.bind(GenerationLearned("prompt_response"), tokenizer)
         with caplog.at_level("INFO", logger="finetune.tasks.generation"):
-            features = task.preprocess(examples, tokenizer, "test")
+            features = task.features(examples, "test")
         assert len(features) == count and max(features["length"]) <= 48
         assert f"test: 1 of 9 samples longer than data.max_length=48 tokens {policy[:5]}" in caplog.text
         caplog.clear()
@@ -262,20 +266,16 @@ def test_messages_train_only_the_last_assistant_turn(tmp_path):
                            {"role": "user", "content": "what color is the sky?"},
                            {"role": "assistant", "content": "the sky is blue."}]}] * 4
     path = write_jsonl(tmp_path / "chat.jsonl", chats)
-    from finetune.data import load_raw
-
     task = _task_on(path)
-    prepared = task.prepare_raw(load_raw(task.config.data, 0))
-    assert task.shape == "messages" and prepared["train"][0]["response"] == "the sky is blue."
-    tokenizer = build_tokenizer()
-    feature = task.preprocess(prepared["train"], tokenizer, "validation")[0]
+    prepared = _prepared(task)
+    assert task.learned.shape == "messages" and prepared["train"][0]["response"] == "the sky is blue."
+    feature = task.features(prepared["train"], "validation")[0]
     targets = [t for t in feature["labels"] if t != IGNORE_INDEX]
-    assert tokenizer.decode(targets) == "the sky is blue.<|im_end|>"
+    assert task.tokenizer.decode(targets) == "the sky is blue.<|im_end|>"
 
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}] * 2)
-    task = _task_on(bad)
     with pytest.raises(DataError, match=r"row 1, column 'messages': expected a list of at least two"):
-        task.prepare_raw(load_raw(task.config.data, 0))
+        _prepared(_task_on(bad))
 
 
 # --- end to end on the command line -----------------------------------------------------------------------

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from finetune.evaluation import evaluate_run
-from finetune.run import load_run
+from finetune.trained_run import load_run
 from tiny_decoder import build_checkpoint, synthetic_pairs
 
 pytestmark = pytest.mark.multiprocess

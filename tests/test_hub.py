@@ -19,8 +19,7 @@ from huggingface_hub import HfApi
 from huggingface_hub.utils._http import close_session
 
 from conftest import synthetic_reviews, tiny_overrides, write_csv
-from finetune.cli import RECIPES_DIR, main
-from finetune.config import load_config
+from finetune.cli import main
 from finetune.errors import HubError, ModelError, RunFolderError
 from finetune.hub import (
     _portable_adapter_config,
@@ -32,7 +31,8 @@ from finetune.hub import (
     with_retries,
 )
 from finetune.merge import merge_run, quantization_of
-from finetune.run import load_run, locate_run
+from finetune.recipes import RECIPES_DIR, load_config
+from finetune.trained_run import load_run, locate_run
 from hub_server import FAKE_TOKEN, HubServer, hub_server, patch_hf_client  # noqa: F401
 
 BASE_ID = "test-user/tiny-bert"
@@ -111,7 +111,7 @@ def test_push_then_pull_by_id_gives_identical_files_and_predictions(trained_run:
     expected = plan_bytes(upload_plan(trained_run, REPO))
     remote = hub.files(REPO)
     assert set(remote) == set(expected) | {".gitattributes"}
-    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "labels.json", "config.yaml",
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "task.json", "config.yaml",
             "metrics.json", "README.md"} <= set(remote)
     assert not {path.split("/")[0] for path in remote} & NOT_PUSHED
     # Apart from the generated card, every pushed file is the run folder's file, byte for byte.
@@ -121,7 +121,7 @@ def test_push_then_pull_by_id_gives_identical_files_and_predictions(trained_run:
             assert sha256(local.read_bytes()) == sha256(content), path
 
     # Pull by id into this test's fresh cache: same files (sha256).
-    pulled = locate_run(REPO)
+    pulled = locate_run(REPO).path
     assert pulled.is_relative_to(Path(os.environ["HF_HUB_CACHE"]))
     for path, content in expected.items():
         assert sha256((pulled / path).read_bytes()) == sha256(content), path
@@ -129,8 +129,8 @@ def test_push_then_pull_by_id_gives_identical_files_and_predictions(trained_run:
     # Same predictions on the held-out examples as the local run, and as written at training time.
     inputs = held_out_inputs(trained_run)
     local_run, hub_run = load_run(trained_run), load_run(REPO)
-    local_predictions = local_run.task.predict(local_run.model, local_run.tokenizer, inputs)
-    hub_predictions = hub_run.task.predict(hub_run.model, hub_run.tokenizer, inputs)
+    local_predictions = local_run.task.predict(local_run.model, inputs)
+    hub_predictions = hub_run.task.predict(hub_run.model, inputs)
     assert hub_predictions == local_predictions
     written = [json.loads(line)["prediction"] for line in (trained_run / "predictions_test.jsonl").read_text().splitlines()]
     assert [p["label"] for p in hub_predictions] == written
@@ -143,7 +143,7 @@ def test_repo_loads_with_plain_peft_by_id(trained_run: Path, hub: HubServer) -> 
 
     push(trained_run, REPO)
     local = load_run(trained_run)
-    base = AutoModelForSequenceClassification.from_pretrained(BASE_ID, **local.task.base_model_kwargs())
+    base = AutoModelForSequenceClassification.from_pretrained(BASE_ID, **local.task.model_kwargs())
     model = PeftModel.from_pretrained(base, REPO).eval()
     tokenizer = AutoTokenizer.from_pretrained(REPO)
     batch = tokenizer([row["text"] for row in held_out_inputs(trained_run)], padding=True, return_tensors="pt")
@@ -165,7 +165,7 @@ def test_eval_and_predict_accept_a_hub_id(trained_run: Path, hub: HubServer,
     assert main(["predict", REPO, "--text", "a good movie", "--text", "so awful"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     local = load_run(trained_run)
-    assert rows == local.task.predict(local.model, local.tokenizer, [{"text": "a good movie"}, {"text": "so awful"}])
+    assert rows == local.task.predict(local.model, [{"text": "a good movie"}, {"text": "so awful"}])
 
 
 def test_pull_works_offline_from_the_cache(trained_run: Path, hub: HubServer,
@@ -176,7 +176,7 @@ def test_pull_works_offline_from_the_cache(trained_run: Path, hub: HubServer,
     online = locate_run(REPO)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     requests = len(hub.requests)
-    assert locate_run(REPO) == online
+    assert locate_run(REPO).path == online.path
     assert len(hub.requests) == requests  # served from the cache
     with pytest.raises(HubError, match="test-user/never-pushed"):
         locate_run("test-user/never-pushed")
@@ -193,7 +193,7 @@ def test_push_to_a_branch_and_pull_that_revision(trained_run: Path, hub: HubServ
     assert HfApi().model_info(REPO).private
     assert HfApi().list_repo_commits(REPO, revision="dev")[0].title == "try a branch"
     run = load_run(REPO, revision="dev")
-    assert run.task.label_names == ["negative", "neutral", "positive"]
+    assert run.task.learned.labels == ("negative", "neutral", "positive")
 
 
 # --- the model card --------------------------------------------------------------------------------
@@ -370,14 +370,14 @@ def test_full_fine_tuning_runs_push_the_model_at_the_root(tiny_bert: Path, hub: 
     hub.requests.clear()
     push(run_dir, REPO)
     files = hub.files(REPO)
-    assert {"config.json", "model.safetensors", "labels.json", "config.yaml"} <= set(files)
+    assert {"config.json", "model.safetensors", "task.json", "config.yaml"} <= set(files)
     assert front_matter(files["README.md"].decode())["library_name"] == "transformers"
     model = AutoModelForSequenceClassification.from_pretrained(REPO)  # the id is a plain model folder
     assert model.config.id2label == {0: "negative", 1: "neutral", 2: "positive"}
     inputs = held_out_inputs(run_dir)
     pulled, local = load_run(REPO), load_run(run_dir)
-    assert pulled.task.predict(pulled.model, pulled.tokenizer, inputs) == \
-        local.task.predict(local.model, local.tokenizer, inputs)
+    assert pulled.task.predict(pulled.model, inputs) == \
+        local.task.predict(local.model, inputs)
     with pytest.raises(RunFolderError, match="fully fine-tuned"):
         merge_run(REPO, tmp_path / "merged")
 

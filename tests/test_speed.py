@@ -12,7 +12,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 from finetune import speed
-from finetune.config import load_config
+from finetune.recipes import load_config
 from finetune.train import train
 from tests.conftest import tiny_overrides
 

@@ -6,16 +6,20 @@ import json
 import logging
 from pathlib import Path
 
+from types import SimpleNamespace
+
 import datasets
 import pytest
 import torch
 
-from finetune.cli import RECIPES_DIR, main
-from finetune.config import load_config
+from conftest import bound_task
+from finetune.batching import eval_dataloader
+from finetune.cli import main
 from finetune.errors import ConfigError, DataError
-from finetune.evaluation import eval_dataloader, evaluate
+from finetune.evaluation import evaluate
 from finetune.models import resolve_checkpoint
-from finetune.tasks.translation import TranslationTask, translation_scores
+from finetune.recipes import RECIPES_DIR, load_config
+from finetune.tasks.translation import TranslationLearned, TranslationTask, translation_scores
 from tiny_translation import BUILDERS, toy_pairs, write_pairs_jsonl
 
 RECIPE = "translate-seq2seq"
@@ -48,8 +52,8 @@ def overrides(model: Path, data: Path, out: Path, **extra: object) -> list[str]:
 def make_task(model: Path, data: Path, tmp_path: Path, **extra: object) -> tuple[TranslationTask, object]:
     """A task and its tokenizer, as the training loop sets them up."""
     config = load_config(RECIPES_DIR / f"{RECIPE}.yaml", overrides(model, data, tmp_path, **extra))
-    task = TranslationTask(config)
-    return task, task.load_tokenizer(resolve_checkpoint(config.model))
+    task = bound_task(config)
+    return task, task.tokenizer
 
 
 # --- the whole CLI ---------------------------------------------------------------------------------
@@ -67,8 +71,8 @@ def test_train_eval_predict_cli(kind: str, tiny_models: dict[str, Path], pairs_f
     rows = [json.loads(line) for line in (run / "predictions_test.jsonl").read_text().splitlines()]
     assert len(rows) == metrics["split_sizes"]["test"] == 12
     assert set(rows[0]) == {"id", "source", "reference", "hypothesis"}
-    saved = json.loads((run / "adapter" / "translation.json").read_text())
-    assert saved["kind"] == ("decoder" if kind == "llama" else "seq2seq")
+    saved = json.loads((run / "adapter" / "task.json").read_text())
+    assert saved["learned"]["kind"] == ("decoder" if kind == "llama" else "seq2seq")
 
     assert main(["eval", str(run)]) == 0
     evaluated = json.loads(capsys.readouterr().out.split("\n", 1)[1])
@@ -84,11 +88,11 @@ def test_train_eval_predict_cli(kind: str, tiny_models: dict[str, Path], pairs_f
 def test_seq2seq_labels_are_padded_with_minus_100(tiny_models: dict[str, Path], pairs_file: Path,
                                                   tmp_path: Path) -> None:
     task, tokenizer = make_task(tiny_models["marian"], pairs_file, tmp_path)
-    assert task.kind == "seq2seq" and task.peft_task_type == "SEQ_2_SEQ_LM"
+    assert task.learned.kind == "seq2seq" and task.peft_task_type == "SEQ_2_SEQ_LM"
     examples = datasets.Dataset.from_dict({"id": ["a", "b"], "source": ["the dog", "the big red house and the cat"],
                                            "target": ["el perro", "el grande rojo casa y el gato"]})
-    features = task.preprocess(examples, tokenizer, "train")
-    batch = task.collate(list(features), tokenizer)
+    features = task.features(examples, "train")
+    batch = task.collate(list(features))
     short, long = (len(ids) for ids in features["labels"])
     assert short < long
     assert batch["labels"][0, short:].eq(-100).all() and batch["labels"][0, :short].ne(-100).all()
@@ -103,22 +107,22 @@ def test_t5_gets_its_task_prefix_and_marian_none(tiny_models: dict[str, Path], p
                                                  tmp_path: Path) -> None:
     examples = datasets.Dataset.from_dict({"id": ["a"], "source": ["the dog"], "target": ["el perro"]})
     t5, t5_tokenizer = make_task(tiny_models["t5"], pairs_file, tmp_path)
-    ids = t5.preprocess(examples, t5_tokenizer, "test")["input_ids"][0]
+    ids = t5.features(examples, "test")["input_ids"][0]
     assert t5_tokenizer.decode(ids, skip_special_tokens=True) == "translate English to Spanish: the dog"
     marian, marian_tokenizer = make_task(tiny_models["marian"], pairs_file, tmp_path)
-    ids = marian.preprocess(examples, marian_tokenizer, "test")["input_ids"][0]
+    ids = marian.features(examples, "test")["input_ids"][0]
     assert marian_tokenizer.decode(ids, skip_special_tokens=True) == "the dog"
 
 
 def test_decoder_learns_eos_although_pad_is_eos(tiny_models: dict[str, Path], pairs_file: Path,
                                                 tmp_path: Path) -> None:
     task, tokenizer = make_task(tiny_models["llama"], pairs_file, tmp_path, **{"data.max_length": 96})
-    assert task.kind == "decoder" and task.peft_task_type == "CAUSAL_LM"
+    assert task.learned.kind == "decoder" and task.peft_task_type == "CAUSAL_LM"
     assert tokenizer.pad_token_id == tokenizer.eos_token_id
     examples = datasets.Dataset.from_dict({"id": ["a", "b"], "source": ["the dog", "the big red house"],
                                            "target": ["el perro", "el grande rojo casa"]})
-    features = task.preprocess(examples, tokenizer, "validation")
-    batch = task.collate(list(features), tokenizer)
+    features = task.features(examples, "validation")
+    batch = task.collate(list(features))
     for row, feature in enumerate(features):
         prompt = feature["prompt_length"]
         # No chat template in this tokenizer: the plain prompt.
@@ -139,7 +143,7 @@ def test_nllb_style_tokenizer_gets_language_codes_and_forced_bos(tiny_models: di
 
     task, _ = make_task(tiny_models["t5"], pairs_file, tmp_path)
     tokenizer = NllbTokenizer()  # its language codes are special tokens: eng_Latn, spa_Latn, ...
-    task._configure_tokenizer(tokenizer)
+    task.prepare_tokenizer(tokenizer)
     assert (tokenizer.src_lang, tokenizer.tgt_lang) == ("eng_Latn", "spa_Latn")
     spanish = tokenizer.convert_tokens_to_ids("spa_Latn")
     assert tokenizer(text_target="hola")["input_ids"][0] == spanish
@@ -164,15 +168,15 @@ def test_evaluation_of_200_pairs_batches_generation_and_logs_its_speed(
 
     data = write_pairs_jsonl(tmp_path / "pairs.jsonl", toy_pairs(200, seed=7))
     task, tokenizer = make_task(tiny_models["llama"], data, tmp_path, **{"eval.batch_size": 32})
-    examples = task.prepare_raw(datasets.DatasetDict({"test": datasets.load_dataset(
+    examples = task.prepare(datasets.DatasetDict({"test": datasets.load_dataset(
         "json", data_files=str(data), split="train")}))["test"]
-    features = task.preprocess(examples, tokenizer, "test")
+    features = task.features(examples, "test")
     model = task.load_model(resolve_checkpoint(task.config.model)).eval()
     calls = []
     original = model.generate
     model.generate = lambda **kwargs: calls.append(kwargs["input_ids"].shape) or original(**kwargs)
     accelerator = Accelerator(cpu=True)
-    loader = accelerator.prepare(eval_dataloader(task, features, tokenizer, 32))
+    loader = accelerator.prepare(eval_dataloader(task, features, 32))
     with caplog.at_level(logging.INFO, logger="finetune.tasks.translation"):
         result = evaluate(task, model, loader, accelerator, examples, features)
     assert sorted(shape[0] for shape in calls) == [8] + [32] * 6  # 200 pairs in 7 batches
@@ -191,13 +195,13 @@ def test_batched_greedy_generation_equals_one_by_one(kind: str, tiny_models: dic
     pairs = toy_pairs(16, seed=3)
     examples = datasets.Dataset.from_dict({"id": [str(i) for i in range(len(pairs))],
                                            "source": [s for s, _ in pairs], "target": [t for _, t in pairs]})
-    features = list(task.preprocess(examples, tokenizer, "test"))
+    features = list(task.features(examples, "test"))
     model = task.load_model(resolve_checkpoint(task.config.model)).eval()
 
     def generate(rows: list[dict]) -> list[list[int]]:
         """What an evaluation step generates for these features, batched together."""
         with torch.no_grad():
-            generated = task.eval_step(model, task.collate(rows, tokenizer))["generated"]
+            generated = task.eval_step(model, task.collate(rows))["generated"]
         return [[t for t in row.tolist() if t != -100] for row in generated]
 
     batched = generate(features)
@@ -218,7 +222,10 @@ def prepare(tmp_path: Path, rows: list[dict], **extra: object) -> datasets.Datas
     config = load_config(RECIPES_DIR / f"{RECIPE}.yaml", overrides(Path("unused"), data, tmp_path, **extra))
     from finetune.data import load_raw
 
-    return TranslationTask(config).prepare_raw(load_raw(config.data, config.run.seed))
+    task = TranslationTask(config)
+    # Checking rows needs neither a checkpoint nor a tokenizer's vocabulary.
+    task.bind(TranslationLearned("seq2seq", "t5"), SimpleNamespace())
+    return task.prepare(load_raw(config.data, config.run.seed))
 
 
 GOOD = {"en": "the dog", "es": "el perro"}
@@ -262,7 +269,7 @@ def test_config_errors_name_the_key() -> None:
     recipe = RECIPES_DIR / f"{RECIPE}.yaml"
     with pytest.raises(ConfigError, match="data.source_lang"):
         load_config(recipe, ["data.source_lang=null"])
-    with pytest.raises(ConfigError, match="data.source_column' and 'data.target_column' go together"):
+    with pytest.raises(ConfigError, match="'data.target_column' must be set together with data.source_column"):
         load_config(recipe, ["data.source_column=english"])
     with pytest.raises(ConfigError, match="eval.num_beams"):
         load_config(recipe, ["eval.num_beams=0"])
@@ -275,7 +282,7 @@ def test_predict_rejects_an_empty_input(tiny_models: dict[str, Path], pairs_file
     task, tokenizer = make_task(tiny_models["t5"], pairs_file, tmp_path)
     model = task.load_model(resolve_checkpoint(task.config.model))
     with pytest.raises(DataError, match="input 2: a translation input needs a non-empty 'text'"):
-        task.predict(model, tokenizer, [{"text": "the dog"}, {"text": " "}])
+        task.predict(model, [{"text": "the dog"}, {"text": " "}])
 
 
 # --- shipped recipes and the real default checkpoint -----------------------------------------------
@@ -290,20 +297,20 @@ def test_shipped_translation_recipes_validate(recipe: str) -> None:
 def test_smollm2_translation_prompt_labels_and_generation() -> None:
     """The default recipe's decoder path on the real SmolLM2 (GGUF converted once per session)."""
     config = load_config(RECIPES_DIR / "translate.yaml", ["eval.max_new_tokens=8"])
-    task = TranslationTask(config)
     checkpoint = resolve_checkpoint(config.model)
-    tokenizer = task.load_tokenizer(checkpoint)
-    assert task.kind == "decoder" and tokenizer.pad_token_id == tokenizer.eos_token_id
+    task = bound_task(config, raw=datasets.DatasetDict())  # learning the model kind needs no data
+    tokenizer = task.tokenizer
+    assert task.learned.kind == "decoder" and tokenizer.pad_token_id == tokenizer.eos_token_id
     examples = datasets.Dataset.from_dict({
         "id": ["John.11.35", "Gen.1.1"], "source": ["Jesus wept.", "In the beginning, God created the heavens and the earth."],
         "target": ["Y lloró Jesús.", "En el principio crió Dios los cielos y la tierra."]})
-    features = task.preprocess(examples, tokenizer, "test")
+    features = task.features(examples, "test")
     prompt = tokenizer.decode(features[0]["input_ids"][:features[0]["prompt_length"]])
     assert prompt == ("<|im_start|>system\nYou translate English to Spanish.<|im_end|>\n<|im_start|>user\n"
                       "Translate English to Spanish:\nJesus wept.<|im_end|>\n<|im_start|>assistant\n")
     assert features[0]["labels"][-1] == tokenizer.eos_token_id  # <|im_end|>: learned although it pads
     model = task.load_model(checkpoint).eval()
     with torch.no_grad():
-        outputs = task.eval_step(model, task.collate(list(features), tokenizer))
+        outputs = task.eval_step(model, task.collate(list(features)))
     assert outputs["loss"].shape == (2,) and torch.isfinite(outputs["loss"]).all()
     assert outputs["generated"].shape[0] == 2 and (outputs["generated"] != -100).sum() > 0

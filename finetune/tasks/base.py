@@ -1,12 +1,29 @@
 """What a task supplies to the one training loop: the parts that differ between tasks.
 
-The loop (``finetune.train``) and the evaluation (``finetune.evaluation``) call only these methods.
-A task decides which Auto class to load, how examples become features, how a batch is collated,
-what one evaluation step returns per example, and how those outputs become metric inputs.
+A task is one file in ``finetune/tasks/`` plus its line in the registry (``finetune/tasks/__init__.py``).
+It owns its settings: ``Data`` and ``Eval``, subclasses of the common :class:`~finetune.config.DataConfig`
+and :class:`~finetune.config.EvalConfig` with its own keys (recipes write them as ``data.<key>`` and
+``eval.<key>``), each checking its values in ``validate``.
+
+The lifecycle, in the order the loop (``finetune.train``) and inference (``finetune.trained_run``) call it:
+
+1. **build**: ``task = Task(config)``; settings only, nothing learned yet.
+2. **learn**: ``learned = task.learn(raw, checkpoint)`` returns the one frozen value a task learns
+   before training (label names, the data shape, the model kind). It is saved into the run folder's
+   ``task.json`` and read back at inference time (``Task.Learned`` is its type).
+3. **bind**: ``task.bind(learned, tokenizer)``, once; the task adapts or checks the tokenizer there
+   (:meth:`prepare_tokenizer`). What follows may use ``self.learned`` and ``self.tokenizer``.
+4. **prepare**: ``task.prepare(raw)``: check each row of each split of the source and normalise columns.
+5. **features**: ``task.features(examples, split)``: tokenized features, with a ``length`` column.
+6. **collate** a list of features into a batch; **loss** of a batch (training).
+7. **evaluate**: ``begin_evaluation`` -> ``eval_step`` per batch -> ``compute_metrics`` on the gathered
+   outputs; ``baseline`` scores a no-training reference on the same test examples.
+8. **predict** on raw user inputs (``finetune predict``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, ClassVar, TextIO
 
@@ -15,14 +32,39 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from finetune.config import Config
-from finetune.models import Checkpoint, load_pretrained, load_tokenizer
+from finetune.config import Config, DataConfig, EvalConfig, check
+from finetune.errors import RunFolderError
+from finetune.models import Checkpoint, load_pretrained
+from finetune.run_folder import write_task_file
+
+
+@dataclasses.dataclass(frozen=True)
+class Learned:
+    """What a task learned before training; subclasses add fields (JSON values: str, int, bool, float,
+    tuples of them)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str) -> Learned:
+        """Read back what ``dataclasses.asdict`` wrote (lists become tuples); ``where`` names the file."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        if set(values) != names:
+            raise RunFolderError(f"{where}: expected the keys {', '.join(sorted(names)) or 'none'}; got "
+                                 f"{', '.join(sorted(values)) or 'none'}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 class Task:
     """Base class; subclasses live one per file in ``finetune/tasks/``."""
 
     name: ClassVar[str]
+    Data: ClassVar[type[DataConfig]] = DataConfig
+    """The ``data`` section of this task's recipes."""
+    Eval: ClassVar[type[EvalConfig]] = EvalConfig
+    """The ``eval`` section of this task's recipes."""
+    Learned: ClassVar[type[Learned]] = Learned
     auto_class: ClassVar[type]
     peft_task_type: ClassVar[str]
     modules_to_save: ClassVar[list[str]] = []
@@ -32,70 +74,104 @@ class Task:
     headline_metrics: ClassVar[list[str]] = ["loss"]
     """Metrics printed at the end of a run and put in the model card."""
     stratify_column: ClassVar[str | None] = None
-    """A ClassLabel column that held-out splits are stratified on."""
+    """A ClassLabel column of prepared examples that held-out splits are stratified on."""
+    eval_pad_values: ClassVar[dict[str, float]] = {}
+    """Value that pads each ``eval_step`` output of rank >= 2 across batches and processes (default 0)."""
     pipeline_tag: ClassVar[str] = ""
-    stream: TextIO | None = None
-    """Where a task that generates text writes tokens as they come during ``predict`` (``finetune predict
-    --stream``); None: no streaming. Tasks that do not generate ignore it."""
 
     def __init__(self, config: Config):
+        if not isinstance(config.data, self.Data) or not isinstance(config.eval, self.Eval):
+            raise TypeError(f"task {self.name} needs a config built with its sections (finetune.recipes.load_config)")
         self.config = config
+        self.data = config.data
+        """This task's ``data`` section (its own subclass of DataConfig)."""
+        self.eval = config.eval
+        """This task's ``eval`` section (its own subclass of EvalConfig)."""
+        self._learned: Learned | None = None
+        self._tokenizer: PreTrainedTokenizerBase | None = None
 
-    # --- configuration ---------------------------------------------------------------------------
+    # --- 1. build: settings ---------------------------------------------------------------------
     @classmethod
     def validate_config(cls, config: Config) -> None:
-        """Reject recipe values this task cannot use (raise ConfigError naming the key)."""
-        from finetune.errors import ConfigError
+        """Checks that span sections (each section checks its own keys); raise ConfigError naming the key."""
+        check(config.train.metric_for_best in cls.metrics_higher_is_better, "train.metric_for_best",
+              f"one of {', '.join(cls.metrics_higher_is_better)} for task {cls.name}", config.train.metric_for_best)
 
-        if config.train.metric_for_best not in cls.metrics_higher_is_better:
-            raise ConfigError(f"config key 'train.metric_for_best' must be one of "
-                              f"{', '.join(cls.metrics_higher_is_better)} for task {cls.name}; "
-                              f"got {config.train.metric_for_best!r}")
+    # --- 2. learn, 3. bind ------------------------------------------------------------------------
+    def learn(self, raw: datasets.DatasetDict, checkpoint: Checkpoint) -> Learned:
+        """What the source's training split (``finetune.data.training_split(raw, ...)``, before held-out splits
+        are carved from it) or the checkpoint teach the task, e.g. the label names."""
+        return self.Learned()
 
-    # --- data ------------------------------------------------------------------------------------
-    def prepare_raw(self, raw: datasets.DatasetDict) -> datasets.DatasetDict:
-        """Check columns and normalise examples before held-out splits are made."""
+    def bind(self, learned: Learned, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Fix what was learned and the tokenizer for the rest of the task's life (once)."""
+        if self._learned is not None:
+            raise RuntimeError(f"task {self.name} is already bound")
+        if not isinstance(learned, self.Learned):
+            raise TypeError(f"task {self.name} expects {self.Learned.__name__}, got {type(learned).__name__}")
+        self._learned = learned
+        self._tokenizer = self.prepare_tokenizer(tokenizer)
+
+    def prepare_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+        """Adapt or check the tokenizer at bind time (e.g. a pad token, language codes, a fast tokenizer)."""
+        return tokenizer
+
+    def save(self, folder: Path) -> None:
+        """Write what the task learned into a weights folder (``task.json``); ``finetune.tasks.load_task``
+        reads it back."""
+        write_task_file(folder, self.name, self.learned.to_dict())
+
+    @property
+    def learned(self) -> Learned:
+        if self._learned is None:
+            raise RuntimeError(f"task {self.name} is not bound yet: call bind(learned, tokenizer) first")
+        return self._learned
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        self.learned  # the same error before bind
+        return self._tokenizer
+
+    # --- 4. prepare, 5. features, 6. collate and loss -----------------------------------------------
+    def prepare(self, raw: datasets.DatasetDict) -> datasets.DatasetDict:
+        """Check every row of every split the source has and normalise columns, before held-out splits
+        are made. Errors name the file or split, the row and the column."""
         return raw
 
     def describe(self, splits: datasets.DatasetDict) -> list[str]:
         """Lines describing the splits (sizes, label counts) printed before training."""
         return [f"{name}: {len(split)} examples" for name, split in splits.items()]
 
-    def preprocess(self, examples: datasets.Dataset, tokenizer: PreTrainedTokenizerBase,
-                   split: str) -> datasets.Dataset:
+    def features(self, examples: datasets.Dataset, split: str) -> datasets.Dataset:
         """Examples -> model features (tokenized). Must add a ``length`` column (tokens per feature)."""
         raise NotImplementedError
 
-    def collate(self, features: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase) -> dict[str, torch.Tensor]:
+    def collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Features -> a padded batch of tensors the model accepts."""
         raise NotImplementedError
 
-    # --- model -----------------------------------------------------------------------------------
-    def load_tokenizer(self, checkpoint: Checkpoint) -> PreTrainedTokenizerBase:
-        return load_tokenizer(checkpoint, self.config.model)
+    def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        """The training loss of one batch: the model's own by default."""
+        return model(**batch).loss
 
-    def load_model(self, checkpoint: Checkpoint) -> PreTrainedModel:
-        return load_pretrained(self.auto_class, checkpoint, self.config.model, **self.base_model_kwargs())
-
-    def base_model_kwargs(self) -> dict[str, Any]:
+    # --- the model --------------------------------------------------------------------------------
+    def model_kwargs(self) -> dict[str, Any]:
         """Keyword arguments the base model is loaded with (e.g. ``num_labels``): shown in the model
         card's loading code, since a head of another shape cannot take the saved adapter."""
         return {}
 
-    def save_artifacts(self, folder: Path) -> None:
-        """Write what inference needs besides weights and tokenizer (e.g. the label map)."""
+    def load_model(self, checkpoint: Checkpoint) -> PreTrainedModel:
+        return load_pretrained(self.auto_class, checkpoint, self.config.model, **self.model_kwargs())
 
-    def load_artifacts(self, folder: Path) -> None:
-        """Read back what :meth:`save_artifacts` wrote."""
-
-    # --- evaluation ------------------------------------------------------------------------------
+    # --- 7. evaluation ------------------------------------------------------------------------------
     def begin_evaluation(self, split: str) -> None:
         """Called before each evaluation pass with what is evaluated (``validation``, ``test`` or a file
         name), so that a task can skip costly work where nothing needs it (e.g. generation)."""
 
     def eval_step(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Per-example outputs of one batch (first dimension = examples); must include ``loss``
-        (per-example loss) when the task has one. Tensors of rank >= 2 are padded across processes."""
+        (per-example loss) when the task has one. Tensors of rank >= 2 are padded across processes
+        with ``eval_pad_values``."""
         raise NotImplementedError
 
     def compute_metrics(self, outputs: dict[str, np.ndarray], examples: datasets.Dataset,
@@ -103,16 +179,17 @@ class Task:
         """Gathered per-feature outputs (in feature order) -> (metrics, one prediction row per example)."""
         raise NotImplementedError
 
-    def baseline(self, splits: datasets.DatasetDict, test_examples: datasets.Dataset) -> dict[str, Any]:
-        """Metrics of a simple baseline that needs no training, on the test examples."""
+    def baseline(self, train: datasets.Dataset, test: datasets.Dataset) -> dict[str, Any]:
+        """Metrics of a simple baseline that needs no training (fit on ``train`` if at all), on ``test``."""
         return {}
 
     def preview(self, predictions: list[dict[str, Any]]) -> list[str]:
         """Lines showing a few test predictions, printed at the end of a run (e.g. sample generations)."""
         return []
 
-    # --- inference -------------------------------------------------------------------------------
-    def predict(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
-                inputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Raw user inputs -> predictions (used by ``finetune predict``)."""
+    # --- 8. inference -------------------------------------------------------------------------------
+    def predict(self, model: torch.nn.Module, inputs: list[dict[str, Any]],
+                stream: TextIO | None = None) -> list[dict[str, Any]]:
+        """Raw user inputs -> predictions (``finetune predict``). A task that generates text writes tokens to
+        ``stream`` as they come (``--stream``); the others ignore it."""
         raise NotImplementedError

@@ -3,27 +3,44 @@
 from __future__ import annotations
 
 import collections
-import json
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TextIO
 
 import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForSequenceClassification
 
-from finetune.data import require_columns
+from finetune.config import DataConfig
+from finetune.data import describe_split, require_columns, training_split
 from finetune.errors import DataError
 from finetune.metrics import load_metric
-from finetune.models import Checkpoint, load_pretrained
-from finetune.tasks.base import Task
+from finetune.models import Checkpoint
+from finetune.tasks.base import Learned, Task
 
-LABELS_FILE = "labels.json"
+
+@dataclass
+class ClassificationData(DataConfig):
+    """``data`` keys of the classification task."""
+
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    """Second text for sentence-pair classification."""
+    label_column: str = "label"
+
+
+@dataclass(frozen=True)
+class ClassificationLearned(Learned):
+    labels: tuple[str, ...]
+    """Class names in head order: the training split's ClassLabel names, or its label values sorted (numbers
+    as numbers)."""
 
 
 class ClassificationTask(Task):
     name = "classification"
+    Data = ClassificationData
+    Learned = ClassificationLearned
     auto_class = AutoModelForSequenceClassification
     peft_task_type = "SEQ_CLS"
     modules_to_save = ["classifier", "score"]
@@ -31,67 +48,66 @@ class ClassificationTask(Task):
     headline_metrics = ["accuracy", "macro_f1"]
     stratify_column = "label"
     pipeline_tag = "text-classification"
+    data: ClassificationData
 
-    def __init__(self, config):
-        super().__init__(config)
-        self.label_names: list[str] = []
+    # --- learn -----------------------------------------------------------------------------------
+    def learn(self, raw: datasets.DatasetDict, checkpoint: Checkpoint) -> ClassificationLearned:
+        """The class names of the training split (at least two)."""
+        train, where = training_split(raw, self.data)
+        require_columns(train, self._column_keys(), where)
+        labels = _label_names(train, self.data.label_column, where)
+        if len(labels) < 2:
+            raise DataError(f"{where}: label column {self.data.label_column!r} has {len(labels)} class "
+                            f"({', '.join(labels)}); need at least 2")
+        return ClassificationLearned(tuple(labels))
 
-    # --- data ------------------------------------------------------------------------------------
-    def prepare_raw(self, raw: datasets.DatasetDict) -> datasets.DatasetDict:
-        """Keep text(s) and label; encode label names as a ClassLabel taken from the train split."""
-        from finetune.data import describe_split
-
-        d = self.config.data
-        columns = [d.text_column] + ([d.text_pair_column] if d.text_pair_column else [])
+    def _column_keys(self) -> dict[str, str]:
+        d = self.data
         keys = {d.text_column: "data.text_column", d.label_column: "data.label_column"}
         if d.text_pair_column:
             keys[d.text_pair_column] = "data.text_pair_column"
-        train_name = d.train_split if d.train_split in raw else next(iter(raw))
+        return keys
+
+    # --- data ------------------------------------------------------------------------------------
+    def prepare(self, raw: datasets.DatasetDict) -> datasets.DatasetDict:
+        """Keep text(s) and label; check texts; encode labels with the learned names (a ClassLabel)."""
+        d = self.data
+        columns = [d.text_column] + ([d.text_pair_column] if d.text_pair_column else [])
         result = {}
         for split, dataset in raw.items():
             where = describe_split(raw, split, d)
-            require_columns(dataset, keys, where)
+            require_columns(dataset, self._column_keys(), where)
             dataset = dataset.select_columns(columns + [d.label_column])
             for column in columns:
-                dataset = _check_texts(dataset, column, where)
-            result[split] = dataset
-        if not self.label_names:  # at inference time the names come from the run folder
-            self.label_names = _label_names(result[train_name], d.label_column)
-            if len(self.label_names) < 2:
-                raise DataError(f"{describe_split(raw, train_name, d)}: label column {d.label_column!r} has "
-                                f"{len(self.label_names)} class ({', '.join(self.label_names)}); need at least 2")
-        encoded = {}
-        for split, dataset in result.items():
-            encoded[split] = self._encode_labels(dataset, describe_split(raw, split, d))
-        return datasets.DatasetDict(encoded)
+                _check_texts(dataset, column, where)
+            result[split] = self._encode_labels(dataset, where)
+        return datasets.DatasetDict(result)
 
     def _encode_labels(self, dataset: datasets.Dataset, where: str) -> datasets.Dataset:
-        d = self.config.data
-        index = {name: i for i, name in enumerate(self.label_names)}
+        d, names = self.data, list(self.learned.labels)
+        index = {name: i for i, name in enumerate(names)}
         feature = dataset.features[d.label_column]
         values = [feature.int2str(v) if isinstance(feature, datasets.ClassLabel) else _label_name(v)
                   for v in dataset[d.label_column]]
         for row, value in enumerate(values):
             if value not in index:
                 raise DataError(f"{where}: row {row + 1}, column {d.label_column!r}: label {value!r} is not among "
-                                f"the training labels ({', '.join(self.label_names)})")
+                                f"the training labels ({', '.join(names)})")
         dataset = dataset.remove_columns(d.label_column)
         renames = {d.text_column: "text"} | ({d.text_pair_column: "text_pair"} if d.text_pair_column else {})
         dataset = dataset.rename_columns({k: v for k, v in renames.items() if k != v})
-        labels = datasets.ClassLabel(names=self.label_names)
-        return dataset.add_column("label", [index[v] for v in values], feature=labels)
+        return dataset.add_column("label", [index[v] for v in values], feature=datasets.ClassLabel(names=names))
 
     def describe(self, splits: datasets.DatasetDict) -> list[str]:
         lines = []
         for name, split in splits.items():
             counts = collections.Counter(split["label"])
-            parts = ", ".join(f"{label} {counts.get(i, 0)}" for i, label in enumerate(self.label_names))
+            parts = ", ".join(f"{label} {counts.get(i, 0)}" for i, label in enumerate(self.learned.labels))
             lines.append(f"{name}: {len(split)} examples ({parts})")
         return lines
 
-    def preprocess(self, examples: datasets.Dataset, tokenizer: PreTrainedTokenizerBase,
-                   split: str) -> datasets.Dataset:
-        max_length = self.config.data.max_length
+    def features(self, examples: datasets.Dataset, split: str) -> datasets.Dataset:
+        max_length, tokenizer = self.data.max_length, self.tokenizer
         has_pair = "text_pair" in examples.column_names
 
         def tokenize(batch: dict[str, list]) -> dict[str, list]:
@@ -103,29 +119,18 @@ class ClassificationTask(Task):
         return examples.map(tokenize, batched=True, remove_columns=[c for c in examples.column_names if c != "label"],
                             desc=f"tokenizing {split}")
 
-    def collate(self, features: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase) -> dict[str, torch.Tensor]:
+    def collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         keep = [{k: v for k, v in f.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
                 for f in features]
-        batch = tokenizer.pad(keep, padding=True, pad_to_multiple_of=self.config.train.pad_to_multiple_of,
-                              return_tensors="pt")
+        batch = self.tokenizer.pad(keep, padding=True, pad_to_multiple_of=self.config.train.pad_to_multiple_of,
+                                   return_tensors="pt")
         batch["labels"] = torch.tensor([f["label"] for f in features], dtype=torch.long)
         return dict(batch)
 
     # --- model -----------------------------------------------------------------------------------
-    def load_model(self, checkpoint: Checkpoint) -> PreTrainedModel:
-        return load_pretrained(self.auto_class, checkpoint, self.config.model, **self.base_model_kwargs())
-
-    def base_model_kwargs(self) -> dict[str, Any]:
-        id2label = dict(enumerate(self.label_names))
-        return {"num_labels": len(self.label_names), "id2label": id2label,
-                "label2id": {v: k for k, v in id2label.items()}}
-
-    def save_artifacts(self, folder: Path) -> None:
-        (folder / LABELS_FILE).write_text(json.dumps({"labels": self.label_names}, ensure_ascii=False, indent=2),
-                                          encoding="utf-8")
-
-    def load_artifacts(self, folder: Path) -> None:
-        self.label_names = json.loads((folder / LABELS_FILE).read_text(encoding="utf-8"))["labels"]
+    def model_kwargs(self) -> dict[str, Any]:
+        id2label = dict(enumerate(self.learned.labels))
+        return {"num_labels": len(id2label), "id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
 
     # --- evaluation ------------------------------------------------------------------------------
     def eval_step(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -144,14 +149,14 @@ class ClassificationTask(Task):
             row = {"text": examples[i]["text"]}
             if "text_pair" in examples.column_names:
                 row["text_pair"] = examples[i]["text_pair"]
-            row.update(label=self.label_names[int(label)], prediction=self.label_names[int(pred)],
+            row.update(label=self.learned.labels[int(label)], prediction=self.learned.labels[int(pred)],
                        score=round(float(probabilities[i, pred]), 6))
             rows.append(row)
         return metrics, rows
 
     def _scores(self, predictions: np.ndarray, references: np.ndarray) -> dict[str, Any]:
         """Accuracy, macro-F1 and per-class precision/recall/F1 through ``evaluate``."""
-        labels = list(range(len(self.label_names)))
+        labels = list(range(len(self.learned.labels)))
         kwargs = {"predictions": predictions.tolist(), "references": references.tolist()}
         scores: dict[str, Any] = {
             "accuracy": float(load_metric("accuracy").compute(**kwargs)["accuracy"]),
@@ -162,21 +167,21 @@ class ClassificationTask(Task):
             for name in ("precision", "recall", "f1")
         }
         scores["per_class"] = {
-            label: {name: float(per_class[name][i]) for name in per_class} for i, label in enumerate(self.label_names)
+            label: {name: float(per_class[name][i]) for name in per_class} for i, label in enumerate(self.learned.labels)
         }
         return scores
 
-    def baseline(self, splits: datasets.DatasetDict, test_examples: datasets.Dataset) -> dict[str, Any]:
+    def baseline(self, train: datasets.Dataset, test: datasets.Dataset) -> dict[str, Any]:
         """Majority class of the training split, predicted for every test example."""
-        majority = collections.Counter(splits["train"]["label"]).most_common(1)[0][0]
-        references = np.array(test_examples["label"])
+        majority = collections.Counter(train["label"]).most_common(1)[0][0]
+        references = np.array(test["label"])
         scores = self._scores(np.full_like(references, majority), references)
-        return {"name": f"majority class ({self.label_names[majority]})", "accuracy": scores["accuracy"],
+        return {"name": f"majority class ({self.learned.labels[majority]})", "accuracy": scores["accuracy"],
                 "macro_f1": scores["macro_f1"]}
 
     # --- inference -------------------------------------------------------------------------------
-    def predict(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
-                inputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def predict(self, model: torch.nn.Module, inputs: list[dict[str, Any]],
+                stream: TextIO | None = None) -> list[dict[str, Any]]:
         for row, item in enumerate(inputs):
             if not isinstance(item.get("text"), str) or not item["text"].strip():
                 raise DataError(f"input {row + 1}: a classification input needs a non-empty 'text'")
@@ -187,12 +192,12 @@ class ClassificationTask(Task):
             chunk = inputs[start:start + batch_size]
             texts = [item["text"] for item in chunk]
             pairs = [item["text_pair"] for item in chunk] if all("text_pair" in item for item in chunk) else None
-            batch = tokenizer(texts, pairs, truncation=True, max_length=self.config.data.max_length, padding=True,
-                              return_tensors="pt").to(device)
+            batch = self.tokenizer(texts, pairs, truncation=True, max_length=self.data.max_length, padding=True,
+                                   return_tensors="pt").to(device)
             with torch.no_grad():
                 probabilities = torch.softmax(model(**batch).logits.float(), -1)
             for item, probs in zip(chunk, probabilities):
-                scores = {name: round(float(p), 6) for name, p in zip(self.label_names, probs)}
+                scores = {name: round(float(p), 6) for name, p in zip(self.learned.labels, probs)}
                 label = max(scores, key=scores.get)
                 results.append({**item, "label": label, "score": scores[label], "scores": scores})
         return results
@@ -205,14 +210,14 @@ def _label_name(value: Any) -> str:
     return "" if value is None else str(value).strip()
 
 
-def _label_names(dataset: datasets.Dataset, column: str) -> list[str]:
+def _label_names(dataset: datasets.Dataset, column: str, where: str) -> list[str]:
     feature = dataset.features[column]
     if isinstance(feature, datasets.ClassLabel):
         return list(feature.names)
     names = {_label_name(v) for v in dataset[column]}
     if "" in names:
         row = next(i for i, v in enumerate(dataset[column]) if _label_name(v) == "")
-        raise DataError(f"row {row + 1}: empty label in column {column!r}")
+        raise DataError(f"{where}: row {row + 1}, column {column!r}: empty label")
     # Numeric labels sort as numbers ("2" before "10"), names alphabetically.
     return sorted(names, key=lambda n: (0, float(n), n) if _is_number(n) else (1, 0.0, n))
 
@@ -225,9 +230,8 @@ def _is_number(text: str) -> bool:
         return False
 
 
-def _check_texts(dataset: datasets.Dataset, column: str, where: str) -> datasets.Dataset:
+def _check_texts(dataset: datasets.Dataset, column: str, where: str) -> None:
     """Texts must be strings; an empty or missing text is a user error naming the row."""
     for row, value in enumerate(dataset[column]):
         if not isinstance(value, str) or not value.strip():
             raise DataError(f"{where}: row {row + 1}, column {column!r}: empty or missing text ({value!r})")
-    return dataset

@@ -12,14 +12,12 @@ pairs over all windows, as a character span of the context; for SQuAD v2, nothin
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import re
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TextIO
 
 import datasets
 import numpy as np
@@ -27,16 +25,15 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForQuestionAnswering, PreTrainedTokenizerBase
 
-from finetune.config import Config
-from finetune.data import describe_split, require_columns
-from finetune.errors import ConfigError, DataError, FinetuneError, ModelError
+from finetune.config import Config, DataConfig, EvalConfig, check
+from finetune.data import describe_split, require_columns, training_split
+from finetune.errors import DataError, FinetuneError, ModelError
 from finetune.metrics import load_metric
 from finetune.models import Checkpoint
-from finetune.tasks.base import Task
+from finetune.tasks.base import Learned, Task
 
 logger = logging.getLogger(__name__)
 
-ARTIFACTS_FILE = "qa.json"
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 # Logits of positions a feature does not have (padding across batches and processes): never a candidate.
 PAD_LOGIT = -1e9
@@ -50,8 +47,61 @@ EXAMPLE_FEATURES = datasets.Features({
 BASELINE_NAME = "overlap: best-overlap sentence, words after the question's last word"
 
 
+@dataclass
+class QuestionAnsweringData(DataConfig):
+    """``data`` keys of the question-answering task."""
+
+    question_column: str = "question"
+    context_column: str = "context"
+    """The passage that holds the answer."""
+    answers_column: str = "answers"
+    """SQuAD-form answers ``{text: [...], answer_start: [...]}`` (character offsets)."""
+    id_column: str | None = "id"
+    """A unique id per example; null numbers the rows."""
+    unanswerable: bool | None = None
+    """Questions may have no answer (SQuAD v2); null: yes when the training split has one."""
+    doc_stride: int = 128
+    """Tokens shared by consecutive windows of a context longer than max_length (below it)."""
+    on_bad_example: Literal["error", "skip"] = "error"
+    """An example whose answer is not at its answer_start (or another bad row): stop with an error, or skip
+    and count it."""
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.doc_stride >= 0, "data.doc_stride", ">= 0", self.doc_stride)
+        check(self.doc_stride < self.max_length, "data.doc_stride", f"below data.max_length ({self.max_length})",
+              self.doc_stride)
+
+
+@dataclass
+class QuestionAnsweringEval(EvalConfig):
+    """``eval`` keys of the question-answering task."""
+
+    n_best_size: int = 20
+    """Start and end candidates per window considered for the answer span."""
+    max_answer_length: int = 30
+    """The longest answer span, in tokens."""
+    null_score_threshold: float = 0.0
+    """With unanswerable questions: answer nothing when the no-answer score beats the best span's by more
+    than this (raise it for fewer empty answers)."""
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.n_best_size > 0, "eval.n_best_size", "> 0", self.n_best_size)
+        check(self.max_answer_length > 0, "eval.max_answer_length", "> 0", self.max_answer_length)
+
+
+@dataclass(frozen=True)
+class QuestionAnsweringLearned(Learned):
+    unanswerable: bool
+    """Whether questions may have no answer (SQuAD v2 scoring and the no-answer decision)."""
+
+
 class QuestionAnsweringTask(Task):
     name = "question-answering"
+    Data = QuestionAnsweringData
+    Eval = QuestionAnsweringEval
+    Learned = QuestionAnsweringLearned
     auto_class = AutoModelForQuestionAnswering
     peft_task_type = "QUESTION_ANS"
     modules_to_save = ["qa_outputs"]
@@ -59,33 +109,44 @@ class QuestionAnsweringTask(Task):
     headline_metrics = ["exact_match", "f1"]
     pipeline_tag = "question-answering"
     eval_pad_values = {"start_logits": PAD_LOGIT, "end_logits": PAD_LOGIT}
+    data: QuestionAnsweringData
+    eval: QuestionAnsweringEval
 
     def __init__(self, config: Config):
         super().__init__(config)
-        # Whether questions may have no answer (SQuAD v2): from the recipe, else the data, else the run folder.
-        self.unanswerable: bool | None = config.data.unanswerable
         self.skipped: dict[str, int] = {}
+        """Bad examples skipped per split (``data.on_bad_example: skip``), for ``describe``."""
         self.window_counts: dict[str, int] = {}
+        """Features (context windows) per split, for ``describe``."""
 
-    @classmethod
-    def validate_config(cls, config: Config) -> None:
-        super().validate_config(config)
-        d = config.data
-        if d.doc_stride >= d.max_length:
-            raise ConfigError(f"config key 'data.doc_stride' must be below data.max_length ({d.max_length}); "
-                              f"got {d.doc_stride}")
+    # --- learn and bind --------------------------------------------------------------------------
+    def learn(self, raw: datasets.DatasetDict, checkpoint: Checkpoint) -> QuestionAnsweringLearned:
+        """Unanswerable questions: the recipe's ``data.unanswerable``, else whether the training split has one."""
+        if self.data.unanswerable is not None:
+            return QuestionAnsweringLearned(self.data.unanswerable)
+        d = self.data
+        train, where = training_split(raw, d)
+        require_columns(train, [d.context_column, d.answers_column], where)
+        for answers, context in zip(train[d.answers_column], train[d.context_column]):
+            normalised, problem = _parse_answers(answers, context)
+            if problem is None and not normalised["text"]:
+                return QuestionAnsweringLearned(True)
+        return QuestionAnsweringLearned(False)
+
+    def prepare_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+        if not tokenizer.is_fast:
+            raise ModelError(f"{tokenizer.name_or_path}: question answering needs a fast tokenizer (character "
+                             f"offsets); this checkpoint has only a slow one")
+        return tokenizer
 
     # --- data ------------------------------------------------------------------------------------
-    def prepare_raw(self, raw: datasets.DatasetDict) -> datasets.DatasetDict:
+    def prepare(self, raw: datasets.DatasetDict) -> datasets.DatasetDict:
         """Check every example (id, question, context, answer spans) and rename to SQuAD column names."""
-        checked = datasets.DatasetDict({split: self._check_split(dataset, describe_split(raw, split, self.config.data))
-                                        for split, dataset in raw.items()})
-        if self.unanswerable is None:
-            self.unanswerable = any(not a["text"] for split in checked.values() for a in split["answers"])
-        return checked
+        return datasets.DatasetDict({split: self._check_split(dataset, describe_split(raw, split, self.data))
+                                     for split, dataset in raw.items()})
 
     def _check_split(self, dataset: datasets.Dataset, where: str) -> datasets.Dataset:
-        d = self.config.data
+        d = self.data
         columns = [d.question_column, d.context_column, d.answers_column] + ([d.id_column] if d.id_column else [])
         require_columns(dataset, columns, where)
         ids = [str(v) if v is not None else "" for v in dataset[d.id_column]] if d.id_column else \
@@ -104,7 +165,7 @@ class QuestionAnsweringTask(Task):
                 problem = f"empty question (column {d.question_column!r})"
             elif not isinstance(context, str) or not context.strip():
                 problem = f"empty context (column {d.context_column!r})"
-            elif problem is None and not normalised["text"] and self.unanswerable is False:
+            elif problem is None and not normalised["text"] and not self.learned.unanswerable:
                 problem = ("no answer, but unanswerable questions are off (data.unanswerable is false, or the model "
                            "was trained without them)")
             if problem is not None:
@@ -129,17 +190,16 @@ class QuestionAnsweringTask(Task):
         for name, split in splits.items():
             no_answer = sum(not a["text"] for a in split["answers"])
             line = f"{name}: {len(split)} questions on {len(set(split['context']))} contexts"
-            if self.unanswerable:
+            if self.learned.unanswerable:
                 line += f" ({no_answer} without answer)"
             if name in self.window_counts:
-                line += f" -> {self.window_counts[name]} windows of at most {self.config.data.max_length} tokens"
+                line += f" -> {self.window_counts[name]} windows of at most {self.data.max_length} tokens"
             lines.append(line)
         lines += [f"{where}: skipped {n} bad example(s)" for where, n in self.skipped.items()]
         return lines
 
-    def preprocess(self, examples: datasets.Dataset, tokenizer: PreTrainedTokenizerBase,
-                   split: str) -> datasets.Dataset:
-        d = self.config.data
+    def features(self, examples: datasets.Dataset, split: str) -> datasets.Dataset:
+        d, tokenizer = self.data, self.tokenizer
         check_question_lengths(examples["question"], examples["id"], tokenizer, d.max_length, d.doc_stride, split)
         features = examples.map(encode_windows, batched=True, remove_columns=examples.column_names,
                                 fn_kwargs={"tokenizer": tokenizer, "max_length": d.max_length, "stride": d.doc_stride},
@@ -147,29 +207,14 @@ class QuestionAnsweringTask(Task):
         self.window_counts[split] = len(features)
         return features
 
-    def collate(self, features: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase) -> dict[str, torch.Tensor]:
+    def collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Model inputs padded, plus start/end positions; example ids and offsets stay in the dataset."""
         keep = [{k: f[k] for k in MODEL_INPUTS if k in f} for f in features]
-        batch = dict(tokenizer.pad(keep, padding=True, pad_to_multiple_of=self.config.train.pad_to_multiple_of,
+        batch = dict(self.tokenizer.pad(keep, padding=True, pad_to_multiple_of=self.config.train.pad_to_multiple_of,
                                    return_tensors="pt"))
         for key in ("start_positions", "end_positions"):
             batch[key] = torch.tensor([f[key] for f in features], dtype=torch.long)
         return batch
-
-    # --- model -----------------------------------------------------------------------------------
-    def load_tokenizer(self, checkpoint: Checkpoint) -> PreTrainedTokenizerBase:
-        tokenizer = super().load_tokenizer(checkpoint)
-        if not tokenizer.is_fast:
-            raise ModelError(f"{checkpoint.requested}: question answering needs a fast tokenizer (character offsets); "
-                             f"this checkpoint has only a slow one")
-        return tokenizer
-
-    def save_artifacts(self, folder: Path) -> None:
-        (folder / ARTIFACTS_FILE).write_text(json.dumps({"unanswerable": bool(self.unanswerable)}, indent=2),
-                                             encoding="utf-8")
-
-    def load_artifacts(self, folder: Path) -> None:
-        self.unanswerable = json.loads((folder / ARTIFACTS_FILE).read_text(encoding="utf-8"))["unanswerable"]
 
     # --- evaluation ------------------------------------------------------------------------------
     def eval_step(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -186,12 +231,12 @@ class QuestionAnsweringTask(Task):
         ids = examples["id"]
         answers = self.postprocess(examples, features, outputs["start_logits"], outputs["end_logits"])
         metrics: dict[str, Any] = {"loss": float(outputs["loss"].mean())}
-        metrics.update(squad_scores(ids, [a.text for a in answers], examples["answers"], bool(self.unanswerable)))
+        metrics.update(squad_scores(ids, [a.text for a in answers], examples["answers"], self.learned.unanswerable))
         rows = []
         for example_id, question, gold, answer in zip(ids, examples["question"], examples["answers"], answers):
             row = {"id": example_id, "question": question, "prediction": answer.text, "start": answer.start,
                    "score": round(answer.score, 6), "answers": gold["text"]}
-            if self.unanswerable:
+            if self.learned.unanswerable:
                 row["null_score_diff"] = round(answer.null_score_diff, 4)
             rows.append(row)
         return metrics, rows
@@ -205,26 +250,26 @@ class QuestionAnsweringTask(Task):
         unknown = next((x for x in features["example_id"] if x not in index), None)
         if unknown is not None:
             raise FinetuneError(f"a feature belongs to example {unknown!r}, which is not among the examples")
-        e = self.config.eval
+        e = self.eval
         return best_spans(examples["context"], [index[x] for x in features["example_id"]], features["offset_mapping"],
                           features["cls_index"], start_logits, end_logits, n_best_size=e.n_best_size,
-                          max_answer_length=e.max_answer_length, unanswerable=bool(self.unanswerable),
+                          max_answer_length=e.max_answer_length, unanswerable=self.learned.unanswerable,
                           null_score_threshold=e.null_score_threshold)
 
-    def baseline(self, splits: datasets.DatasetDict, test_examples: datasets.Dataset) -> dict[str, Any]:
+    def baseline(self, train: datasets.Dataset, test: datasets.Dataset) -> dict[str, Any]:
         """A heuristic that needs no training: see :func:`overlap_answer`."""
-        texts = [overlap_answer(q, c)[0] for q, c in zip(test_examples["question"], test_examples["context"])]
-        scores = squad_scores(test_examples["id"], texts, test_examples["answers"], bool(self.unanswerable))
+        texts = [overlap_answer(q, c)[0] for q, c in zip(test["question"], test["context"])]
+        scores = squad_scores(test["id"], texts, test["answers"], self.learned.unanswerable)
         return {"name": BASELINE_NAME, "exact_match": scores["exact_match"], "f1": scores["f1"]}
 
     # --- inference -------------------------------------------------------------------------------
-    def predict(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
-                inputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def predict(self, model: torch.nn.Module, inputs: list[dict[str, Any]],
+                stream: TextIO | None = None) -> list[dict[str, Any]]:
         for row, item in enumerate(inputs, start=1):
             for field in ("question", "context"):
                 if not isinstance(item.get(field), str) or not item[field].strip():
                     raise DataError(f"input {row}: question answering needs a non-empty {field!r}")
-        d = self.config.data
+        d, tokenizer = self.data, self.tokenizer
         examples = {"id": [str(i) for i in range(len(inputs))], "question": [x["question"] for x in inputs],
                     "context": [x["context"] for x in inputs],
                     "answers": [{"text": [], "answer_start": []} for _ in inputs]}
@@ -234,9 +279,9 @@ class QuestionAnsweringTask(Task):
         device = next(model.parameters()).device
         start_logits: list[np.ndarray] = []
         end_logits: list[np.ndarray] = []
-        for first in range(0, len(features), self.config.eval.batch_size):
-            chunk = features[first:first + self.config.eval.batch_size]
-            batch = self.collate(chunk, tokenizer)
+        for first in range(0, len(features), self.eval.batch_size):
+            chunk = features[first:first + self.eval.batch_size]
+            batch = self.collate(chunk)
             batch = {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS}
             with torch.no_grad():
                 outputs = model(**batch)

@@ -7,8 +7,8 @@ Which kind a run uses follows the checkpoint's ``config.is_encoder_decoder``:
   itself, so each architecture's own decoder start token is used. Tokenizers that carry language
   codes (mBART, NLLB, M2M100) get ``src_lang``/``tgt_lang``, and the target code is forced as the
   first generated token when the targets start with it.
-* decoder-only: ``AutoModelForCausalLM``, as prompt -> completion SFT with the generation task's
-  helpers: ``prompt + reference + eos`` with the loss on the reference and eos only (labels -100 on
+* decoder-only: ``AutoModelForCausalLM``, as prompt -> completion SFT with the shared decoder
+  helpers (``finetune.tasks.decoding``): ``prompt + reference + eos`` with the loss on the reference and eos only (labels -100 on
   the prompt, never derived from the pad id), so the model learns to stop even when pad == eos. The
   prompt is the user turn ``Translate English to Spanish:\\n<source>`` in the checkpoint's chat
   template (``data.use_chat_template``, ``data.system_prompt``), else ``...:\\n<source>\\n``.
@@ -20,32 +20,29 @@ detokenized hypotheses with sacreBLEU and chrF through ``evaluate``.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from pathlib import Path
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, Literal, TextIO
 
 import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedModel,
-                          PreTrainedTokenizerBase)
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedTokenizerBase
 
-from finetune.config import Config
+from finetune.config import Config, DataConfig, EvalConfig, check
 from finetune.data import describe_split, require_columns
 from finetune.errors import ConfigError, DataError, ModelError
 from finetune.metrics import load_metric
-from finetune.models import Checkpoint, load_pretrained, load_tokenizer
-from finetune.tasks.base import Task
-from finetune.tasks.generation import (IGNORE_INDEX, build_sft_features, collate_causal_lm, encode_prompt,
-                                       ensure_pad_token, eos_token_ids, format_prompt, token_nll,
-                                       uses_chat_template)
+from finetune.models import Checkpoint
+from finetune.tasks.base import Learned, Task
+from finetune.tasks.decoding import (IGNORE_INDEX, build_sft_features, collate_causal_lm, encode_prompt,
+                                     ensure_pad_token, eos_token_ids, format_prompt, pad_rows, token_nll,
+                                     uses_chat_template)
 
 logger = logging.getLogger(__name__)
 
-ARTIFACTS_FILE = "translation.json"
 # ISO 639-1 code -> (English name for prompts and T5 prefixes, ISO 639-3 code as in NLLB's language tokens).
 LANGUAGES: dict[str, tuple[str, str]] = {
     "ar": ("Arabic", "arb"), "ca": ("Catalan", "cat"), "cs": ("Czech", "ces"), "da": ("Danish", "dan"),
@@ -75,51 +72,95 @@ def translation_scores(hypotheses: list[str], references: list[str]) -> dict[str
     }
 
 
+@dataclass
+class TranslationData(DataConfig):
+    """``data`` keys of the translation task."""
+
+    source_lang: str | None = None
+    """Source language code (``en``); the key in ``translation_column`` and the prompt's language."""
+    target_lang: str | None = None
+    """Target language code (``es``)."""
+    translation_column: str = "translation"
+    """Column of ``{source_lang: ..., target_lang: ...}`` pairs (the Hub's usual shape)."""
+    source_column: str | None = None
+    """A plain column of source texts, instead of ``translation_column`` (with ``target_column``)."""
+    target_column: str | None = None
+    """A plain column of reference translations (with ``source_column``)."""
+    source_prefix: str | None = None
+    """Encoder-decoder: text put before each source; null: T5's ``translate English to Spanish: ``."""
+    source_lang_code: str | None = None
+    """The tokenizer's source language token (mBART ``en_XX``, NLLB ``eng_Latn``); null: found."""
+    target_lang_code: str | None = None
+    """The tokenizer's target language token (forced as first generated token)."""
+    use_chat_template: bool = True
+    """Decoder-only: put the instruction in the tokenizer's chat template when it has one."""
+    system_prompt: str | None = None
+    """Decoder-only with a chat template: a system turn before each prompt; null keeps the template's own."""
+
+    def validate(self) -> None:
+        super().validate()
+        for key in ("source_lang", "target_lang"):
+            check(bool(getattr(self, key)), f"data.{key}", "a language code (e.g. en, es) for task translation: the "
+                  "key of the pairs in data.translation_column, and the language of the prompt", getattr(self, key))
+        check(self.source_lang != self.target_lang, "data.target_lang", "another language than data.source_lang",
+              self.target_lang)
+        check((self.source_column is None) == (self.target_column is None), "data.target_column",
+              "set together with data.source_column (two plain text columns), or neither (pairs in "
+              "data.translation_column)", self.target_column)
+
+
+@dataclass
+class TranslationEval(EvalConfig):
+    """``eval`` keys of the translation task."""
+
+    max_new_tokens: int = 64
+    """Cap on new tokens per translation."""
+    num_beams: int = 1
+    """1 = greedy decoding, more = beam search."""
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.max_new_tokens >= 1, "eval.max_new_tokens", ">= 1", self.max_new_tokens)
+        check(self.num_beams >= 1, "eval.num_beams", ">= 1", self.num_beams)
+
+
+@dataclass(frozen=True)
+class TranslationLearned(Learned):
+    kind: Literal["seq2seq", "decoder"]
+    """Encoder-decoder or decoder-only, from the checkpoint's config."""
+    model_type: str
+    """The checkpoint's ``model_type`` (T5 gets a task prefix)."""
+
+
 class TranslationTask(Task):
     name = "translation"
-    # Replaced per instance once the checkpoint says which kind it is (see _set_kind).
-    auto_class = AutoModelForSeq2SeqLM
-    peft_task_type = "SEQ_2_SEQ_LM"
+    Data = TranslationData
+    Eval = TranslationEval
+    Learned = TranslationLearned
     metrics_higher_is_better = {"loss": False, "bleu": True, "chrf": True}
     headline_metrics = ["bleu", "chrf"]
     pipeline_tag = "translation"
     eval_pad_values = {"generated": IGNORE_INDEX}
+    data: TranslationData
+    eval: TranslationEval
 
     def __init__(self, config: Config):
         super().__init__(config)
-        self.kind: Literal["seq2seq", "decoder"] | None = None
-        self.model_type: str | None = None
-        self.tokenizer: PreTrainedTokenizerBase | None = None  # set by preprocess/predict, used to decode
         self.generate_now = True
+        """Whether this evaluation pass generates (see begin_evaluation)."""
         self.generation_seconds = 0.0
 
-    # --- configuration ---------------------------------------------------------------------------
-    @classmethod
-    def validate_config(cls, config: Config) -> None:
-        super().validate_config(config)
-        d = config.data
-        for key in ("source_lang", "target_lang"):
-            if not getattr(d, key):
-                raise ConfigError(f"config key 'data.{key}' must name a language (e.g. en, es) for task translation: "
-                                  f"the key of the pairs in data.translation_column, and the language of the prompt")
-        for key in ("max_new_tokens", "num_beams"):
-            if getattr(config.eval, key) < 1:
-                raise ConfigError(f"config key 'eval.{key}' must be >= 1; got {getattr(config.eval, key)!r}")
-        if d.source_lang == d.target_lang:
-            raise ConfigError(f"config keys 'data.source_lang' and 'data.target_lang' are both {d.source_lang!r}")
-        if (d.source_column is None) != (d.target_column is None):
-            raise ConfigError("config keys 'data.source_column' and 'data.target_column' go together: set both "
-                              "(two plain text columns) or neither (pairs in data.translation_column)")
+    @property
+    def auto_class(self) -> type:  # type: ignore[override]
+        return AutoModelForSeq2SeqLM if self.learned.kind == "seq2seq" else AutoModelForCausalLM
 
-    def _set_kind(self, kind: Literal["seq2seq", "decoder"]) -> None:
-        self.kind = kind
-        self.auto_class = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
-        self.peft_task_type = "SEQ_2_SEQ_LM" if kind == "seq2seq" else "CAUSAL_LM"
+    @property
+    def peft_task_type(self) -> str:  # type: ignore[override]
+        return "SEQ_2_SEQ_LM" if self.learned.kind == "seq2seq" else "CAUSAL_LM"
 
-    def _detect_kind(self, checkpoint: Checkpoint) -> None:
+    # --- learn and bind --------------------------------------------------------------------------
+    def learn(self, raw: datasets.DatasetDict, checkpoint: Checkpoint) -> TranslationLearned:
         """Encoder-decoder or decoder-only, from the checkpoint's config (cheap: no weights)."""
-        if self.kind is not None:
-            return
         try:
             model_config = AutoConfig.from_pretrained(checkpoint.path, gguf_file=checkpoint.gguf_file,
                                                       revision=checkpoint.revision,
@@ -128,17 +169,29 @@ class TranslationTask(Task):
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelError(f"could not read the config of {checkpoint.requested!r} (model.name_or_path): {first}") \
                 from None
-        self.model_type = model_config.model_type
-        self._set_kind("seq2seq" if getattr(model_config, "is_encoder_decoder", False) else "decoder")
+        kind = "seq2seq" if getattr(model_config, "is_encoder_decoder", False) else "decoder"
+        return TranslationLearned(kind, model_config.model_type)
+
+    def prepare_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+        """Decoders get a pad token; mBART/NLLB/M2M100-style tokenizers the recipe's language codes."""
+        if self.learned.kind == "decoder":
+            ensure_pad_token(tokenizer)
+        if hasattr(tokenizer, "src_lang"):
+            d = self.data
+            tokenizer.src_lang = d.source_lang_code or _language_token(tokenizer, d.source_lang,
+                                                                       "data.source_lang_code")
+            tokenizer.tgt_lang = d.target_lang_code or _language_token(tokenizer, d.target_lang,
+                                                                       "data.target_lang_code")
+        return tokenizer
 
     # --- data ------------------------------------------------------------------------------------
-    def prepare_raw(self, raw: datasets.DatasetDict) -> datasets.DatasetDict:
+    def prepare(self, raw: datasets.DatasetDict) -> datasets.DatasetDict:
         """Every split -> columns ``id``, ``source``, ``target`` (non-empty strings), checked row by row."""
-        return datasets.DatasetDict({split: self._pairs(dataset, describe_split(raw, split, self.config.data))
+        return datasets.DatasetDict({split: self._pairs(dataset, describe_split(raw, split, self.data))
                                      for split, dataset in raw.items()})
 
     def _pairs(self, dataset: datasets.Dataset, where: str) -> datasets.Dataset:
-        d = self.config.data
+        d = self.data
         if d.source_column is not None:
             require_columns(dataset, [d.source_column, d.target_column], where)
             sources, targets = dataset[d.source_column], dataset[d.target_column]
@@ -172,7 +225,7 @@ class TranslationTask(Task):
                                            "target": [t.strip() for t in targets]})
 
     def describe(self, splits: datasets.DatasetDict) -> list[str]:
-        d = self.config.data
+        d = self.data
         lines = []
         for name, split in splits.items():
             words = np.mean([len(s.split()) for s in split["source"]]) if len(split) else 0.0
@@ -180,17 +233,13 @@ class TranslationTask(Task):
                          f"(source {words:.1f} words on average)")
         return lines
 
-    def preprocess(self, examples: datasets.Dataset, tokenizer: PreTrainedTokenizerBase,
-                   split: str) -> datasets.Dataset:
+    def features(self, examples: datasets.Dataset, split: str) -> datasets.Dataset:
         """Seq2seq: ``input_ids`` + ``labels``. Decoder: prompt + target + eos in ``input_ids``, labels -100
         on the prompt, and for held-out splits ``prompt_length`` (generation starts from the prompt).
         ``length`` is the whole example for training (batching) and the source or prompt for
         evaluation (what generation pads). One feature per example, in order."""
-        self.tokenizer = tokenizer
-        self._configure_tokenizer(tokenizer)
-        held_out = split != "train"
-        max_length = self.config.data.max_length
-        if self.kind == "seq2seq":
+        tokenizer, held_out, max_length = self.tokenizer, split != "train", self.data.max_length
+        if self.learned.kind == "seq2seq":
             def tokenize(batch: dict[str, list]) -> dict[str, list]:
                 encoded = self._encode_sources(tokenizer, batch["source"])
                 encoded["labels"] = tokenizer(text_target=batch["target"], truncation=True,
@@ -219,20 +268,20 @@ class TranslationTask(Task):
 
     def _encode_sources(self, tokenizer: PreTrainedTokenizerBase, sources: list[str], **kwargs: Any) -> Any:
         prefix = self._source_prefix()
-        return tokenizer([prefix + s for s in sources], truncation=True, max_length=self.config.data.max_length,
+        return tokenizer([prefix + s for s in sources], truncation=True, max_length=self.data.max_length,
                          **kwargs)
 
     def _source_prefix(self) -> str:
-        d = self.config.data
+        d = self.data
         if d.source_prefix is not None:
             return d.source_prefix
-        if self.model_type in PREFIX_MODEL_TYPES:
+        if self.learned.model_type in PREFIX_MODEL_TYPES:
             return f"translate {language_name(d.source_lang)} to {language_name(d.target_lang)}: "
         return ""
 
     def _prompt_ids(self, tokenizer: PreTrainedTokenizerBase, source: str) -> list[int]:
         """The decoder prompt for one source, in the chat template when there is one."""
-        d = self.config.data
+        d = self.data
         chat = uses_chat_template(tokenizer, d.use_chat_template)
         instruction = INSTRUCTION.format(source_name=language_name(d.source_lang),
                                          target_name=language_name(d.target_lang), source=source)
@@ -240,61 +289,29 @@ class TranslationTask(Task):
                              system_prompt=d.system_prompt)
         return encode_prompt(tokenizer, text, chat)
 
-    def collate(self, features: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase) -> dict[str, torch.Tensor]:
+    def collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Right-padded inputs, labels padded with -100; decoder held-out batches carry ``prompt_length``."""
         multiple = self.config.train.pad_to_multiple_of
-        if self.kind == "decoder":
-            batch = collate_causal_lm(features, tokenizer.pad_token_id, multiple)
+        if self.learned.kind == "decoder":
+            batch = collate_causal_lm(features, self.tokenizer.pad_token_id, multiple)
             if "prompt_length" in features[0]:
                 batch["prompt_length"] = torch.tensor([f["prompt_length"] for f in features])
             return batch
         inputs = [f["input_ids"] for f in features]
         return {
-            "input_ids": _pad(inputs, tokenizer.pad_token_id, "right", multiple),
-            "attention_mask": _pad([[1] * len(ids) for ids in inputs], 0, "right", multiple),
-            "labels": _pad([f["labels"] for f in features], IGNORE_INDEX, "right", multiple),
+            "input_ids": pad_rows(inputs, self.tokenizer.pad_token_id, "right", multiple),
+            "attention_mask": pad_rows([[1] * len(ids) for ids in inputs], 0, "right", multiple),
+            "labels": pad_rows([f["labels"] for f in features], IGNORE_INDEX, "right", multiple),
         }
 
     # --- model -----------------------------------------------------------------------------------
-    def load_tokenizer(self, checkpoint: Checkpoint) -> PreTrainedTokenizerBase:
-        self._detect_kind(checkpoint)
-        tokenizer = load_tokenizer(checkpoint, self.config.model)
-        if self.kind == "decoder":
-            ensure_pad_token(tokenizer)
-        self._configure_tokenizer(tokenizer)
-        return tokenizer
-
-    def _configure_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
-        """mBART/NLLB/M2M100-style tokenizers: put the recipe's language codes on them."""
-        if not hasattr(tokenizer, "src_lang"):
-            return
-        d = self.config.data
-        tokenizer.src_lang = d.source_lang_code or _language_token(tokenizer, d.source_lang, "data.source_lang_code")
-        tokenizer.tgt_lang = d.target_lang_code or _language_token(tokenizer, d.target_lang, "data.target_lang_code")
-
     def _forced_bos_token_id(self, tokenizer: PreTrainedTokenizerBase) -> int | None:
         """The target language token when references start with it (mBART-50, NLLB, M2M100)."""
-        if self.kind != "seq2seq" or not hasattr(tokenizer, "tgt_lang") or not tokenizer.tgt_lang:
+        if self.learned.kind != "seq2seq" or not hasattr(tokenizer, "tgt_lang") or not tokenizer.tgt_lang:
             return None
         code = tokenizer.convert_tokens_to_ids(tokenizer.tgt_lang)
         first = tokenizer(text_target="a")["input_ids"][:1]
         return code if first == [code] else None
-
-    def load_model(self, checkpoint: Checkpoint) -> PreTrainedModel:
-        self._detect_kind(checkpoint)
-        return load_pretrained(self.auto_class, checkpoint, self.config.model)
-
-    def save_artifacts(self, folder: Path) -> None:
-        d = self.config.data
-        (folder / ARTIFACTS_FILE).write_text(json.dumps({
-            "kind": self.kind, "model_type": self.model_type, "source_lang": d.source_lang,
-            "target_lang": d.target_lang, "source_prefix": self._source_prefix(),
-        }, indent=2) + "\n", encoding="utf-8")
-
-    def load_artifacts(self, folder: Path) -> None:
-        saved = json.loads((folder / ARTIFACTS_FILE).read_text(encoding="utf-8"))
-        self.model_type = saved["model_type"]
-        self._set_kind(saved["kind"])
 
     # --- evaluation ------------------------------------------------------------------------------
     def begin_evaluation(self, split: str) -> None:
@@ -305,7 +322,7 @@ class TranslationTask(Task):
 
     def eval_step(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         prompt_length = batch.pop("prompt_length", None)
-        if self.kind == "seq2seq":
+        if self.learned.kind == "seq2seq":
             labels = batch["labels"]
             logits = model(**batch).logits.float()  # the model builds decoder inputs from the labels
             nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none").sum(1)
@@ -315,8 +332,8 @@ class TranslationTask(Task):
             nll, tokens = token_nll(model, batch)
             # Generation continues each prompt: left-pad them so new tokens start in one column.
             prompts = [ids[:n].tolist() for ids, n in zip(batch["input_ids"], prompt_length.tolist())]
-            prompt_ids = _pad(prompts, self.tokenizer.pad_token_id, "left", None).to(nll.device)
-            prompt_mask = _pad([[1] * len(p) for p in prompts], 0, "left", None).to(nll.device)
+            prompt_ids = pad_rows(prompts, self.tokenizer.pad_token_id, "left", None).to(nll.device)
+            prompt_mask = pad_rows([[1] * len(p) for p in prompts], 0, "left", None).to(nll.device)
         outputs = {"loss": nll / tokens.clamp(min=1)}
         if self.generate_now:
             started = time.perf_counter()
@@ -328,18 +345,18 @@ class TranslationTask(Task):
         """New tokens per input (greedy or beam search), -100 after each sequence's first stop token.
         Decoder inputs must be left-padded."""
         tokenizer = self.tokenizer
-        e = self.config.eval
+        e = self.eval
         generator = getattr(model, "module", model)  # unwrap DDP; accelerate's autocast stays on forward
         kwargs: dict[str, Any] = {"max_new_tokens": e.max_new_tokens, "num_beams": e.num_beams, "do_sample": False}
         stops = [tokenizer.eos_token_id]
-        if self.kind == "decoder":
+        if self.learned.kind == "decoder":
             stops = eos_token_ids(tokenizer, generator)  # e.g. an end-of-turn token besides eos
             kwargs.update(pad_token_id=tokenizer.pad_token_id, eos_token_id=stops)
         elif (forced := self._forced_bos_token_id(tokenizer)) is not None:
             kwargs["forced_bos_token_id"] = forced
         out = generator.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         # Decoders return prompt + continuation; encoder-decoders start with the decoder start token.
-        new = out[:, input_ids.shape[1]:] if self.kind == "decoder" else out[:, 1:]
+        new = out[:, input_ids.shape[1]:] if self.learned.kind == "decoder" else out[:, 1:]
         stop = torch.isin(new, torch.tensor(stops, device=new.device))
         after_first_stop = (stop.cumsum(1) - stop.long()) > 0
         return new.masked_fill(after_first_stop, IGNORE_INDEX)
@@ -361,7 +378,7 @@ class TranslationTask(Task):
         seconds = max(self.generation_seconds, 1e-9)
         metrics["generated_tokens"] = tokens
         metrics["generation_tokens_per_second"] = round(tokens / seconds, 1)
-        e = self.config.eval
+        e = self.eval
         logger.info("generation: %d tokens for %d pairs in %.1f s = %.1f tokens/s (batch %d, %s, max %d new tokens)",
                     tokens, len(hypotheses), seconds, tokens / seconds, e.batch_size,
                     "greedy" if e.num_beams == 1 else f"beam search x{e.num_beams}", e.max_new_tokens)
@@ -369,10 +386,9 @@ class TranslationTask(Task):
                 for i, s, r, h in zip(examples["id"], examples["source"], references, hypotheses)]
         return metrics, rows
 
-    def baseline(self, splits: datasets.DatasetDict, test_examples: datasets.Dataset) -> dict[str, Any]:
+    def baseline(self, train: datasets.Dataset, test: datasets.Dataset) -> dict[str, Any]:
         """Copy the source as its own translation (names and numbers often match)."""
-        return {"name": "copy the source", **translation_scores(list(test_examples["source"]),
-                                                                list(test_examples["target"]))}
+        return {"name": "copy the source", **translation_scores(list(test["source"]), list(test["target"]))}
 
     def preview(self, predictions: list[dict[str, Any]], count: int = 3) -> list[str]:
         lines = ["\nsample translations (held-out test pairs):"] if predictions else []
@@ -382,10 +398,10 @@ class TranslationTask(Task):
         return lines
 
     # --- inference -------------------------------------------------------------------------------
-    def predict(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
-                inputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def predict(self, model: torch.nn.Module, inputs: list[dict[str, Any]],
+                stream: TextIO | None = None) -> list[dict[str, Any]]:
         """``{"text": source}`` rows (or the recipe's source column / language key) -> ``translation``."""
-        d = self.config.data
+        d = self.data
         keys = [k for k in ("text", d.source_column, d.source_lang) if k]
         sources = []
         for row, item in enumerate(inputs):
@@ -394,25 +410,22 @@ class TranslationTask(Task):
                 raise DataError(f"input {row + 1}: a translation input needs a non-empty "
                                 f"{' or '.join(repr(k) for k in keys)}")
             sources.append(text.strip())
-        self.tokenizer = tokenizer
-        if self.kind == "decoder":
-            ensure_pad_token(tokenizer)
-        self._configure_tokenizer(tokenizer)
+        tokenizer = self.tokenizer
         device = next(model.parameters()).device
         hypotheses: list[str] = [""] * len(sources)
         order = sorted(range(len(sources)), key=lambda i: -len(sources[i]))  # similar lengths batch together
-        batch_size = self.config.eval.batch_size
+        batch_size = self.eval.batch_size
         model.eval()
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
-            if self.kind == "seq2seq":
+            if self.learned.kind == "seq2seq":
                 encoded = self._encode_sources(tokenizer, [sources[i] for i in chunk], padding=True,
                                                return_tensors="pt")
                 ids, mask = encoded["input_ids"], encoded["attention_mask"]
             else:
                 prompts = [self._prompt_ids(tokenizer, sources[i]) for i in chunk]
-                ids = _pad(prompts, tokenizer.pad_token_id, "left", None)
-                mask = _pad([[1] * len(p) for p in prompts], 0, "left", None)
+                ids = pad_rows(prompts, tokenizer.pad_token_id, "left", None)
+                mask = pad_rows([[1] * len(p) for p in prompts], 0, "left", None)
             with torch.no_grad():
                 generated = self.generate(model, ids.to(device), mask.to(device))
             for i, text in zip(chunk, self.decode(generated.cpu().numpy())):
@@ -443,13 +456,3 @@ def _language_token(tokenizer: PreTrainedTokenizerBase, lang: str, key: str) -> 
         raise ConfigError(f"this tokenizer marks languages with special tokens; set config key '{key}' to the one "
                           f"for {lang!r} (candidates: {listed})")
     return found[0]
-
-
-def _pad(rows: list[list[int]], value: int, side: Literal["left", "right"], multiple: int | None) -> torch.Tensor:
-    """Pad lists of ids to one length (rounded up to ``multiple``) on the given side."""
-    width = max(len(r) for r in rows)
-    if multiple:
-        width = -(-width // multiple) * multiple
-    padded = [([value] * (width - len(r)) + list(r)) if side == "left" else (list(r) + [value] * (width - len(r)))
-              for r in rows]
-    return torch.tensor(padded, dtype=torch.long)

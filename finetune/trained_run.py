@@ -1,0 +1,62 @@
+"""A finished run loaded back for evaluation, prediction, merging, export or serving: its config, its
+task bound to what it learned, its tokenizer and its weights. The run is a local folder or the Hub id of
+a pushed run (pulled by ``finetune.hub``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from finetune.config import Config
+from finetune.errors import RunFolderError
+from finetune.models import load_adapter, resolve_checkpoint
+from finetune.recipes import load_config
+from finetune.run_folder import RunFolder, is_adapter
+from finetune.tasks import Task, load_task
+
+
+@dataclass
+class TrainedRun:
+    config: Config
+    task: Task
+    """Bound to what it learned in training and to the run's tokenizer."""
+    model: torch.nn.Module
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self.task.tokenizer
+
+
+def locate_run(ref: str | Path, revision: str | None = None) -> RunFolder:
+    """A local run folder, or a Hub id (``org/name``) of a pushed run: downloaded into the Hub cache
+    (or found there when offline)."""
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        if revision is not None:
+            raise RunFolderError(f"--revision {revision} applies to Hub ids; {ref} is a local folder")
+        return RunFolder(path)
+    from finetune.hub import looks_like_hub_id, pull  # late: the Hub client is only needed for ids
+
+    if looks_like_hub_id(str(ref)):
+        return RunFolder(pull(str(ref), revision))
+    raise RunFolderError(f"run folder not found: {ref} (and it is not an ORG/NAME Hub id)")
+
+
+def load_run(ref: str | Path, overrides: list[str] | None = None, revision: str | None = None) -> TrainedRun:
+    """Load a finished run for evaluation or prediction: its config, task, tokenizer and weights.
+    ``ref`` is a run folder or the Hub id of a pushed run (``revision``: its branch, tag or commit)."""
+    run = locate_run(ref, revision)
+    if not run.config.is_file():
+        raise RunFolderError(f"{run.path} is not a run folder: no {run.config.name}")
+    config = load_config(run.config, overrides)
+    folder = run.weights()
+    task = load_task(config, folder)
+    if is_adapter(folder):
+        model = load_adapter(task.load_model(resolve_checkpoint(config.model)), folder)
+    else:
+        model = task.auto_class.from_pretrained(str(folder), use_safetensors=True)
+    model.eval()
+    return TrainedRun(config, task, model)
