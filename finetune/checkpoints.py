@@ -108,15 +108,20 @@ def incomplete_checkpoints(run: RunFolder) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.name.startswith("step-") and p not in whole)
 
 
+def check_checkpoint(path: Path) -> Path:
+    """``path`` if it is a complete checkpoint folder (``--resume PATH``), else a one-line error."""
+    if not (path / CHECKPOINT_STATE).is_file():
+        raise FinetuneError(f"--resume {path}: not a complete checkpoint (no {CHECKPOINT_STATE})")
+    return path
+
+
 def load_checkpoint(accelerator: Accelerator, run: RunFolder, resume: str) -> tuple[TrainerState, Path | None]:
     """Restore the newest whole checkpoint (``auto``) or a given one; returns the state and its folder.
 
     With ``auto``, a half-written folder is skipped, and one that fails to load (truncated files) makes
     it fall back to the previous whole checkpoint; each is said out loud."""
     if resume != "auto":
-        path = Path(resume)
-        if not (path / CHECKPOINT_STATE).is_file():
-            raise FinetuneError(f"--resume {resume}: not a complete checkpoint (no {CHECKPOINT_STATE})")
+        path = check_checkpoint(Path(resume))
         return _restore(accelerator, path), path
     for skipped in incomplete_checkpoints(run):
         accelerator.print(f"ignoring incomplete checkpoint {skipped} (it was being written when the run stopped)")

@@ -22,6 +22,8 @@ INPUT_FIELDS = {
     "context": "the passage that answers a --question",
 }
 RUN_HELP = "a finished run folder, or the ORG/NAME id of a run pushed to the Hub"
+RUN_OVERRIDES_HELP = ("settings of the run to change, e.g. eval.batch_size=8; model.trust_remote_code=true and "
+                      "model.allow_pickle=true only ever come from here, never from the run's own config")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,6 +46,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # the machine said no: a full disk, a permission, a vanished file
+        if args.debug:
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -67,13 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", parents=[common], help="evaluate a finished run on a held-out split or a file")
     p.add_argument("run_dir", metavar="RUN", help=RUN_HELP)
     p.add_argument("--revision", help="branch, tag or commit of a Hub run")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="data overrides, e.g. data.text_column=review")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=RUN_OVERRIDES_HELP)
     p.add_argument("--split", choices=["test", "validation"], default="test")
     p.add_argument("--file", type=Path, help="evaluate on this labelled file instead of the run's data")
     p.set_defaults(handler=cmd_eval)
 
     p = sub.add_parser("predict", parents=[common], help="predict with a finished run")
     p.add_argument("run_dir", metavar="RUN", help=RUN_HELP)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=RUN_OVERRIDES_HELP)
     p.add_argument("--revision", help="branch, tag or commit of a Hub run")
     for field, about in INPUT_FIELDS.items():
         p.add_argument(f"--{field.replace('_', '-')}", action="append", help=f"{about} (repeatable)")
@@ -100,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Merge the adapter into a float copy of the base and save a plain transformers "
                                    "model (safetensors) + tokenizer that loads without peft.")
     p.add_argument("run_dir", metavar="RUN", help=RUN_HELP)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=RUN_OVERRIDES_HELP)
     p.add_argument("--out", type=Path, required=True, help="folder for the merged model")
     p.add_argument("--revision", help="branch, tag or commit of a Hub run")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
@@ -155,7 +165,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from finetune.trained_run import load_run
 
     inputs = read_inputs(args)
-    run = load_run(args.run_dir, revision=args.revision)
+    if args.output is not None:
+        check_writable(args.output, "--output")
+    run = load_run(args.run_dir, args.overrides, revision=args.revision)
     stream = sys.stderr if args.stream or (args.stream is None and sys.stderr.isatty()) else None
     predictions = run.task.predict(run.model, inputs, stream=stream)
     out = args.output.open("w", encoding="utf-8") if args.output else sys.stdout
@@ -166,6 +178,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if args.output:
             out.close()
     return 0
+
+
+def check_writable(path: Path, option: str) -> None:
+    """Before any work: ``path`` can be written (its folder exists, it is not a folder itself)."""
+    if path.is_dir():
+        raise ConfigError(f"{option} {path} is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise ConfigError(f"{option} {path}: the folder {path.parent} does not exist")
 
 
 def read_inputs(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -198,7 +218,8 @@ def cmd_push(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from finetune.merge import merge_run
 
-    out = merge_run(args.run_dir, args.out, revision=args.revision, dtype=args.dtype, overwrite=args.overwrite)
+    out = merge_run(args.run_dir, args.out, revision=args.revision, dtype=args.dtype, overwrite=args.overwrite,
+                    overrides=args.overrides)
     print(f"merged model written to {out}: it loads with transformers' from_pretrained alone, no peft")
     return 0
 

@@ -13,6 +13,7 @@ Every key is checked: an unknown key, a value of the wrong type or an impossible
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -42,8 +43,10 @@ class RunConfig:
     """Run folder name under ``output_dir``; default ``<recipe>-<timestamp>``."""
     output_dir: str = "runs"
     seed: int = 42
+    """Seeds every random draw (splits, initialisation, dropout, batch order); 0 to 2**32 - 1."""
 
     def validate(self) -> None:
+        check(0 <= self.seed < 2**32, "run.seed", "an integer from 0 to 2**32 - 1", self.seed)
         if self.name is not None:
             check(bool(self.name) and "/" not in self.name and self.name not in (".", ".."), "run.name",
                   "a plain folder name", self.name)
@@ -382,14 +385,19 @@ def _coerce(key: str, annotation: Any, value: Any) -> Any:
             return value
         raise ConfigError(f"config key '{key}' expects an integer, got {value!r}")
     if annotation is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(f"config key '{key}' expects a finite number, got {value!r}")
+        return number
     if annotation is str:
         if isinstance(value, str):
             return value

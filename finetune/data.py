@@ -82,6 +82,8 @@ def _load_files(cfg: DataConfig) -> datasets.DatasetDict:
 
 def load_file(path: Path) -> datasets.Dataset:
     """Load one csv/tsv/json/jsonl/parquet/txt file; errors name the file."""
+    if path.is_dir():
+        raise DataError(f"{path} is a folder; expected a data file ({', '.join(FILE_BUILDERS)})")
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     builder = FILE_BUILDERS.get(path.suffix.lower())
@@ -107,10 +109,33 @@ def load_file(path: Path) -> datasets.Dataset:
         message = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         if "corresponds to no data" in message:  # what datasets says of a header-only csv
             raise DataError(f"{path}: no rows") from None
+        if builder == "json":
+            bad = _first_bad_json_line(path)
+            if bad is not None:
+                raise DataError(f"{path}: line {bad[0]}: not a JSON object ({bad[1]}); JSON lines hold one object "
+                                f"per line") from None
         raise DataError(f"{path}: could not parse as {builder}: {message}") from None
     if len(loaded) == 0:
         raise DataError(f"{path}: no rows")
     return loaded
+
+
+def _first_bad_json_line(path: Path) -> tuple[int, str] | None:
+    """(line number, what is wrong) of the first line of a JSON-lines file that is not a JSON object; datasets'
+    own message counts rows, not lines."""
+    if path.suffix.lower() != ".jsonl":
+        return None
+    with path.open(encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except ValueError as exc:
+                return number, str(exc)
+            if not isinstance(value, dict):
+                return number, f"got {type(value).__name__}"
+    return None
 
 
 def _read_squad_layout(path: Path) -> datasets.Dataset | None:
@@ -235,6 +260,19 @@ def _split(dataset: datasets.Dataset, share: float, seed: int, stratify_column: 
         # Stratification needs >= 2 examples per class in each part; fall back to a plain split.
         logger.warning("stratified %s split impossible (a class is too rare); using a random split", name)
         return dataset.train_test_split(test_size=share, seed=seed)
+
+
+def shared_inputs(train: datasets.Dataset, test: datasets.Dataset, columns: tuple[str, ...]) -> int:
+    """How many test examples have exactly the input (``columns``) of some training example."""
+    columns = tuple(c for c in columns if c in train.column_names and c in test.column_names)
+    if not columns:
+        return 0
+
+    def key(row: dict[str, Any]) -> str:
+        return json.dumps([row[c] for c in columns], sort_keys=True, ensure_ascii=False)
+
+    seen = {key(row) for row in train.select_columns(list(columns))}
+    return sum(key(row) in seen for row in test.select_columns(list(columns)))
 
 
 def cap(dataset: datasets.Dataset, limit: int | None, seed: int) -> datasets.Dataset:

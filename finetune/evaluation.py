@@ -4,7 +4,7 @@ once (``gather_for_metrics``), then the task turns them into metrics and predict
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from finetune.accelerator import make_accelerator
 from finetune.batching import INDEX, eval_dataloader
-from finetune.data import load_file, load_splits
+from finetune.data import load_raw, load_splits
 from finetune.tasks.base import Task
 
 
@@ -69,8 +69,11 @@ def evaluate_run(run: Any, split: str = "test", file: Path | None = None) -> Eva
     exactly as in training (same seed, same caps), or on a labelled file."""
     config, task = run.config, run.task
     if file is not None:
-        raw = datasets.DatasetDict({config.data.test_split: load_file(file)})
-        examples = task.prepare(raw)[config.data.test_split]
+        # The same task, with the file as its data source: messages about a row name the file.
+        data = replace(config.data, source="files", train_file=None, validation_file=None, test_file=str(file))
+        task = type(task)(replace(config, data=data))
+        task.bind(run.task.learned, run.task.tokenizer)
+        examples = task.prepare(load_raw(data, config.run.seed))[data.test_split]
     else:
         examples = load_splits(task, config)[split]
     features = task.features(examples, split)

@@ -11,14 +11,16 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from finetune.config import LoraSettings, ModelConfig
-from finetune.errors import ModelError
+from finetune.errors import ConfigError, ModelError
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 logger = logging.getLogger(__name__)
 
@@ -219,8 +221,26 @@ def load_pretrained(auto_class: type, checkpoint: Checkpoint, cfg: ModelConfig, 
             use_safetensors=None if cfg.allow_pickle else True,
             **kwargs,
         )
+    except ImportError as exc:  # e.g. flash_attention_2 without the flash-attn package
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"could not load {checkpoint.requested!r} with model.attn_implementation="
+                         f"{cfg.attn_implementation!r}: {first[:200]} (install what it names, or set "
+                         f"model.attn_implementation=sdpa)") from None
     except (OSError, ValueError) as exc:
-        raise ModelError(_load_failure(checkpoint, exc)) from None
+        if cfg.attn_implementation and cfg.attn_implementation in str(exc):
+            raise ModelError(f"model.attn_implementation={cfg.attn_implementation!r} is not available for "
+                             f"{checkpoint.requested!r}: {str(exc).strip().splitlines()[0][:200]}") from None
+        message = _load_failure(checkpoint, exc)
+        if not cfg.allow_pickle and _only_pickle_weights(checkpoint):
+            message += ("; it has only pickle weights (*.bin), which can run code when loaded: set "
+                        "model.allow_pickle=true if you trust them")
+        raise ModelError(message) from None
+
+
+def _only_pickle_weights(checkpoint: Checkpoint) -> bool:
+    folder = Path(checkpoint.path)
+    return checkpoint.source != "hub" and folder.is_dir() and any(folder.glob("*.bin")) \
+        and not any(folder.glob("*.safetensors"))
 
 
 def _load_failure(checkpoint: Checkpoint, exc: Exception) -> str:
@@ -232,6 +252,14 @@ def _load_failure(checkpoint: Checkpoint, exc: Exception) -> str:
     return f"could not load {checkpoint.requested!r} from {checkpoint.path}: {first}"
 
 
+def check_length_fits(model: PreTrainedModel, max_length: int) -> None:
+    """``data.max_length`` within the model's position limit (positions past it do not exist)."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and max_length > limit:
+        raise ConfigError(f"config key 'data.max_length' must be at most {limit}, the positions this model has "
+                          f"(max_position_embeddings); got {max_length}")
+
+
 def apply_lora(model: PreTrainedModel, cfg: LoraSettings, task_type: str,
                modules_to_save: list[str]) -> torch.nn.Module:
     """Wrap ``model`` with LoRA (or leave it whole for full fine-tuning). The task head is trained
@@ -239,6 +267,8 @@ def apply_lora(model: PreTrainedModel, cfg: LoraSettings, task_type: str,
     if cfg.method == "full":
         return model
     targets = cfg.target_modules or DEFAULT_TARGET_MODULES.get(model.config.model_type, "all-linear")
+    from peft import LoraConfig, get_peft_model  # late: peft takes seconds to import, a recipe check needs none
+
     lora = LoraConfig(task_type=task_type, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                       target_modules=targets, modules_to_save=list(modules_to_save) or None)
     try:
@@ -248,8 +278,20 @@ def apply_lora(model: PreTrainedModel, cfg: LoraSettings, task_type: str,
 
 
 def load_adapter(model: PreTrainedModel, adapter_dir: str | Path) -> PeftModel:
-    """Base model + saved adapter (with its head), ready for inference."""
-    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    """Base model + saved adapter (with its head), ready for inference; a damaged adapter is one line."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    except Exception as exc:  # noqa: BLE001 - truncated safetensors, bad JSON, shapes: many types, one message
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        shape = next((line for line in lines if "size mismatch" in line), None)
+        if shape is not None:
+            raise ModelError(f"the adapter in {adapter_dir} does not fit the model it is loaded into ({shape[:240]}); "
+                             f"the label map or base model differs from the one it was trained with") from None
+        first = lines[0][:240] if lines else type(exc).__name__
+        raise ModelError(f"the adapter in {adapter_dir} could not be loaded (damaged or incomplete files?): "
+                         f"{type(exc).__name__}: {first}") from None
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

@@ -19,10 +19,16 @@ same class reads a pulled snapshot: :meth:`RunFolder.weights` is then the folder
 from __future__ import annotations
 
 import datetime
+import fcntl
 import json
+import os
 import shutil
+import socket
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
+
+import yaml
 
 from finetune.errors import RunFolderError
 
@@ -62,6 +68,17 @@ class RunFolder:
     checkpoints = property(lambda self: self.path / "checkpoints")
     best_weights = property(lambda self: self.path / "best" / "trainable.safetensors")
     tracker_logs = property(lambda self: self.path / "logs")
+    lock_file = property(lambda self: self.path / ".lock")
+    """Held (``flock``) by the process that trains into the folder; says who holds it."""
+
+    def entries(self) -> set[str]:
+        """The names a run folder may hold at its top level."""
+        names = set()
+        for value in vars(RunFolder).values():
+            path = value.fget(self) if isinstance(value, property) else None
+            if isinstance(path, Path) and self.path in path.parents:
+                names.add(path.relative_to(self.path).parts[0])
+        return names
 
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / f"step-{step:08d}"
@@ -84,17 +101,107 @@ class RunFolder:
         raise RunFolderError(f"{self.path} is not a finished run: no {self.adapter.name}/ or {self.model.name}/ "
                              f"folder")
 
-    def create(self, overwrite: bool, resume: bool) -> None:
-        """Create the folder; refuse to overwrite a finished run or silently reuse an unfinished one."""
-        if self.path.exists() and any(self.path.iterdir()):
-            if overwrite:
-                shutil.rmtree(self.path)
-            elif self.is_finished():
-                raise RunFolderError(f"{self.path} holds a finished run; choose another run.name or pass --overwrite")
-            elif not resume:
-                raise RunFolderError(f"{self.path} holds an unfinished run; pass --resume auto to continue it, "
-                                     f"or --overwrite to start again")
-        self.path.mkdir(parents=True, exist_ok=True)
+    def foreign_entries(self) -> list[str]:
+        """What the folder holds that no run writes (a user's own files): never deleted, never adopted."""
+        known = self.entries()
+        return sorted(p.name + ("/" if p.is_dir() else "") for p in self.path.iterdir()
+                      if p.name not in known and not p.name.endswith((".tmp", ".deleting")))
+
+    def is_run(self) -> bool:
+        """Recognisably one of our runs: its ``config.yaml`` names a task, and it holds nothing else."""
+        try:
+            config = yaml.safe_load(self.config.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            return False
+        run = config.get("run") if isinstance(config, dict) else None
+        return isinstance(run, dict) and isinstance(run.get("task"), str) and not self.foreign_entries()
+
+    def has_checkpoint(self) -> bool:
+        return self.checkpoints.is_dir() and any(
+            (p / CHECKPOINT_STATE).is_file() for p in self.checkpoints.iterdir() if "." not in p.name)
+
+    def open_for_training(self, overwrite: bool, resume: str | None) -> RunLock:
+        """Take the folder for a training run and return its lock (held until the run ends).
+
+        Only a folder that is recognisably a run is ever cleared or resumed; a user's own folder is refused
+        untouched. A finished run is replaced only with ``overwrite``; an unfinished one with a checkpoint is
+        continued with ``resume`` or replaced with ``overwrite``; one that never saved a checkpoint (a run
+        that failed while starting) holds nothing to resume and is replaced. ``resume="auto"`` needs the run
+        to exist; resuming from a checkpoint path may start a new run folder."""
+        if self.path.exists() and not self.path.is_dir():
+            raise RunFolderError(f"{self.path} exists and is not a folder; choose another run.name or run.output_dir")
+        existing = self.path.is_dir() and any(p.name != self.lock_file.name for p in self.path.iterdir())
+        if existing and not self.is_run():
+            listed = ", ".join(self.foreign_entries()[:4]) or f"no {self.config.name} naming a task"
+            raise RunFolderError(f"{self.path} is not a finetune run folder ({listed}); it is left as it is: "
+                                 f"choose another run.name or run.output_dir")
+        if resume == "auto" and not existing:
+            raise RunFolderError(f"--resume: there is no run at {self.path} to resume; leave out --resume to "
+                                 f"start a new run")
+        if existing and self.is_finished() and not overwrite:  # said before the lock file is touched
+            raise self._finished(resume is not None)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunFolderError(f"cannot create the run folder {self.path} (run.output_dir): "
+                                 f"{exc.strerror or exc}") from None
+        lock = RunLock.take(self.lock_file)
+        try:
+            self._clear_if_allowed(existing, overwrite, resume is not None)
+        except BaseException:
+            lock.release()
+            raise
+        return lock
+
+    def _clear_if_allowed(self, existing: bool, overwrite: bool, resume: bool) -> None:
+        if not existing:
+            return
+        if self.is_finished() and not overwrite:  # it finished between the first look and the lock
+            raise self._finished(resume)
+        if resume and not overwrite:
+            return
+        if not overwrite and self.has_checkpoint():
+            raise RunFolderError(f"{self.path} holds an unfinished run; pass --resume auto to continue it, "
+                                 f"or --overwrite to start again")
+        for entry in self.path.iterdir():  # all ours (is_run), but the lock we hold
+            if entry.name != self.lock_file.name:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+    def _finished(self, resume: bool) -> RunFolderError:
+        what = "nothing to resume" if resume else "choose another run.name or pass --overwrite"
+        return RunFolderError(f"{self.path} holds a finished run; {what}")
+
+
+class RunLock:
+    """An exclusive ``flock`` on a run folder's lock file. The kernel drops it when the holding process dies,
+    however it dies, so a killed run never leaves its folder locked; the file only says who held it last."""
+
+    def __init__(self, path: Path, handle: TextIO):
+        self.path, self.handle = path, handle
+
+    @classmethod
+    def take(cls, path: Path) -> RunLock:
+        handle = path.open("a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise RunFolderError(f"{path.parent} is in use by {holder}; wait for it to end, or choose another "
+                                 f"run.name") from None
+        handle.seek(0)
+        handle.truncate()
+        started = datetime.datetime.now().isoformat(timespec="seconds")
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {started} "
+                     f"({' '.join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))[:200]})\n")
+        handle.flush()
+        return cls(path, handle)
+
+    def release(self) -> None:
+        if not self.handle.closed:
+            fcntl.flock(self.handle, fcntl.LOCK_UN)
+            self.handle.close()
 
 
 def default_run_name(recipe_name: str) -> str:

@@ -15,6 +15,7 @@ What the loop counts and decides lives in small helpers below the class (:class:
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import signal
@@ -33,15 +34,15 @@ from transformers import get_scheduler
 from finetune import report
 from finetune.accelerator import make_accelerator, process_group, resolve_mixed_precision
 from finetune.batching import eval_dataloader, train_dataloader
-from finetune.checkpoints import (GracefulStop, TrainerState, TrainingInterrupted, inject_fault, load_checkpoint,
-                                  load_trainable, save_checkpoint, save_trainable)
+from finetune.checkpoints import (GracefulStop, TrainerState, TrainingInterrupted, check_checkpoint, inject_fault,
+                                  load_checkpoint, load_trainable, save_checkpoint, save_trainable)
 from finetune.config import Config, TrainConfig, dump_config
-from finetune.data import load_raw, load_splits
+from finetune.data import load_raw, load_splits, shared_inputs
 from finetune.errors import FinetuneError
 from finetune.evaluation import EvalResult, evaluate
-from finetune.models import apply_lora, count_parameters, resolve_checkpoint, write_source
+from finetune.models import apply_lora, check_length_fits, count_parameters, resolve_checkpoint, write_source
 from finetune.recipes import load_config
-from finetune.run_folder import RunFolder, default_run_name
+from finetune.run_folder import RunFolder, RunLock, default_run_name
 from finetune.speed import apply_speed_options, enable_tf32, make_adamw
 from finetune.tasks import Task, new_task
 
@@ -49,13 +50,16 @@ from finetune.tasks import Task, new_task
 def train(config: Config, recipe_name: str, overwrite: bool = False, resume: str | None = None) -> Path:
     """Train, evaluate on the test split, and write the run folder. Returns the run folder."""
     run = TrainingRun(config, recipe_name)
-    run.setup(overwrite=overwrite, resume=resume)
-    run.fit()
-    return run.finish()
+    try:
+        run.setup(overwrite=overwrite, resume=resume)
+        run.fit()
+        return run.finish()
+    finally:
+        run.cleanup()
 
 
 class TrainingRun:
-    """One training run: ``setup()``, ``fit()``, ``finish()``, in that order."""
+    """One training run: ``setup()``, ``fit()``, ``finish()``, in that order; ``cleanup()`` whatever happened."""
 
     def __init__(self, config: Config, recipe_name: str):
         self.config = config
@@ -63,6 +67,8 @@ class TrainingRun:
         self.task: Task | None = None
         """Made in setup, once the training data and the checkpoint are known."""
         self.state = TrainerState()
+        self.lock: RunLock | None = None
+        """The main process's hold on the run folder, from setup to cleanup."""
 
     # --- setup -----------------------------------------------------------------------------------------
     def setup(self, overwrite: bool = False, resume: str | None = None) -> None:
@@ -84,7 +90,9 @@ class TrainingRun:
         config.run.name = name[0]
         self.run = RunFolder(Path(config.run.output_dir) / config.run.name)
         if processes.is_main_process:
-            self.run.create(overwrite=overwrite, resume=resume is not None)
+            if resume not in (None, "auto"):
+                check_checkpoint(Path(resume))
+            self.lock = self.run.open_for_training(overwrite=overwrite, resume=resume)
             if resume is not None:
                 check_same_config(self.run.config, config)
             dump_config(config, self.run.config)
@@ -93,6 +101,10 @@ class TrainingRun:
     def _start_accelerator(self) -> None:
         """The Accelerator (precision, accumulation, trackers), then the seed."""
         config, t = self.config, self.config.train
+        missing = [name for name in t.trackers if importlib.util.find_spec(name) is None]
+        if missing:
+            raise FinetuneError(f"train.trackers: {', '.join(missing)} is not installed (pip install "
+                                f"{' '.join(missing)}), or leave it out of train.trackers")
         self.mixed_precision = resolve_mixed_precision(t.mixed_precision)
         self.accelerator = make_accelerator(
             self.mixed_precision,
@@ -120,11 +132,17 @@ class TrainingRun:
                                                   for name, split in self.splits.items()})
         for line in task.describe(self.splits):
             accelerator.print(line)
+        self.shared = shared_inputs(self.splits["train"], self.splits["test"], task.input_columns)
+        if self.shared:
+            accelerator.print(f"note: {self.shared} of {len(self.splits['test'])} test examples have the same input as "
+                              f"a training example (exact duplicates): their scores measure memory, not "
+                              f"generalisation; deduplicate the data to remove them")
 
     def _build_model(self) -> None:
         """The task's model, with LoRA unless the recipe asks for full fine-tuning, and the speed options."""
         config = self.config
         model = self.task.load_model(self.checkpoint)
+        check_length_fits(model, config.data.max_length)
         self.model = apply_lora(model, config.lora, self.task.peft_task_type, self.task.modules_to_save)
         self.trainable, self.total = count_parameters(self.model)
         self.accelerator.print(f"parameters: {self.trainable:,} trainable of {self.total:,} "
@@ -326,6 +344,11 @@ class TrainingRun:
         accelerator.end_training()
         return run.path
 
+    def cleanup(self) -> None:
+        """Let go of the run folder (the lock), whether the run finished, failed or was stopped."""
+        if self.lock is not None:
+            self.lock.release()
+
     def _summary(self, result: EvalResult, baseline: dict[str, Any]) -> dict[str, Any]:
         """The content of ``metrics.json`` (throughput and before-training results are added to it)."""
         state = self.state
@@ -337,6 +360,7 @@ class TrainingRun:
             "global_step": state.global_step,
             "skipped_batches": state.skipped_batches,
             "split_sizes": {name: len(split) for name, split in self.splits.items()},
+            "test_inputs_seen_in_train": self.shared,
             "parameters": {"trainable": self.trainable, "total": self.total},
         }
 

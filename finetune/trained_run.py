@@ -1,21 +1,32 @@
 """A finished run loaded back for evaluation, prediction, merging, export or serving: its config, its
 task bound to what it learned, its tokenizer and its weights. The run is a local folder or the Hub id of
-a pushed run (pulled by ``finetune.hub``)."""
+a pushed run (pulled by ``finetune.hub``).
+
+A run's own ``config.yaml`` is data, not a recipe the user wrote: the settings that would run code or
+unpickle files (:data:`CODE_SETTINGS`) are never taken from it, only from the user's own command line.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from finetune.config import Config
+from finetune.config import Config, parse_override
 from finetune.errors import RunFolderError
-from finetune.models import load_adapter, resolve_checkpoint
+from finetune.models import Checkpoint, load_adapter, load_pretrained, resolve_checkpoint
 from finetune.recipes import load_config
 from finetune.run_folder import RunFolder, is_adapter
 from finetune.tasks import Task, load_task
+
+
+logger = logging.getLogger(__name__)
+
+CODE_SETTINGS = ("trust_remote_code", "allow_pickle")
+"""``model.*`` keys that let loading run code shipped with a checkpoint or unpickle weights."""
 
 
 @dataclass
@@ -51,12 +62,25 @@ def load_run(ref: str | Path, overrides: list[str] | None = None, revision: str 
     run = locate_run(ref, revision)
     if not run.config.is_file():
         raise RunFolderError(f"{run.path} is not a run folder: no {run.config.name}")
-    config = load_config(run.config, overrides)
+    if not run.is_finished():
+        raise RunFolderError(f"{run.path} is not a finished run (no {run.metrics.name}): it was stopped or failed "
+                             f"before its end; resume it with: finetune train {run.config} --resume auto")
+    config = without_code_settings(load_config(run.config, overrides), overrides or [], run)
     folder = run.weights()
     task = load_task(config, folder)
     if is_adapter(folder):
         model = load_adapter(task.load_model(resolve_checkpoint(config.model)), folder)
     else:
-        model = task.auto_class.from_pretrained(str(folder), use_safetensors=True)
+        model = load_pretrained(task.auto_class, Checkpoint(str(folder), str(folder), "local"), config.model)
     model.eval()
     return TrainedRun(config, task, model)
+
+
+def without_code_settings(config: Config, overrides: list[str], run: RunFolder) -> Config:
+    """The run's config with :data:`CODE_SETTINGS` off unless the user's own overrides turn them on."""
+    given = {parse_override(item)[0] for item in overrides}
+    asked = [key for key in CODE_SETTINGS if getattr(config.model, key) and f"model.{key}" not in given]
+    for key in asked:
+        logger.warning("note: %s sets model.%s: true; a run's own config is not trusted to run or unpickle code, "
+                       "so it is off (pass model.%s=true yourself if you trust this run)", run.config, key, key)
+    return replace(config, model=replace(config.model, **{key: False for key in asked}))

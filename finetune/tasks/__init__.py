@@ -47,7 +47,8 @@ def load_task(config: Config, weights: Path) -> Task:
     if name != config.run.task:
         raise RunFolderError(f"{weights / TASK_FILE} is for task {name}, but the run's config says {config.run.task}")
     task = task_class(name)(config)
-    task.bind(task.Learned.from_dict(learned, str(weights / TASK_FILE)), AutoTokenizer.from_pretrained(str(weights)))
+    tokenizer = AutoTokenizer.from_pretrained(str(weights), trust_remote_code=config.model.trust_remote_code)
+    task.bind(task.Learned.from_dict(learned, str(weights / TASK_FILE)), tokenizer)
     return task
 
 

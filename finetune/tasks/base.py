@@ -73,6 +73,9 @@ class Task:
     """Validation metrics that can pick the best checkpoint (``train.metric_for_best``)."""
     headline_metrics: ClassVar[list[str]] = ["loss"]
     """Metrics printed at the end of a run and put in the model card."""
+    input_columns: ClassVar[tuple[str, ...]] = ()
+    """Columns of prepared examples that hold the model's input: a test example whose input also appears in
+    train is counted and reported (it measures memory, not generalisation)."""
     stratify_column: ClassVar[str | None] = None
     """A ClassLabel column of prepared examples that held-out splits are stratified on."""
     eval_pad_values: ClassVar[dict[str, float]] = {}

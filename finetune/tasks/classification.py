@@ -46,6 +46,7 @@ class ClassificationTask(Task):
     modules_to_save = ["classifier", "score"]
     metrics_higher_is_better = {"loss": False, "accuracy": True, "macro_f1": True}
     headline_metrics = ["accuracy", "macro_f1"]
+    input_columns = ("text", "text_pair")
     stratify_column = "label"
     pipeline_tag = "text-classification"
     data: ClassificationData
@@ -87,6 +88,8 @@ class ClassificationTask(Task):
         d, names = self.data, list(self.learned.labels)
         index = {name: i for i, name in enumerate(names)}
         feature = dataset.features[d.label_column]
+        if not isinstance(feature, datasets.ClassLabel):
+            _check_single_labels(dataset[d.label_column], d.label_column, where)
         values = [feature.int2str(v) if isinstance(feature, datasets.ClassLabel) else _label_name(v)
                   for v in dataset[d.label_column]]
         for row, value in enumerate(values):
@@ -214,12 +217,21 @@ def _label_names(dataset: datasets.Dataset, column: str, where: str) -> list[str
     feature = dataset.features[column]
     if isinstance(feature, datasets.ClassLabel):
         return list(feature.names)
+    _check_single_labels(dataset[column], column, where)
     names = {_label_name(v) for v in dataset[column]}
     if "" in names:
         row = next(i for i, v in enumerate(dataset[column]) if _label_name(v) == "")
         raise DataError(f"{where}: row {row + 1}, column {column!r}: empty label")
     # Numeric labels sort as numbers ("2" before "10"), names alphabetically.
     return sorted(names, key=lambda n: (0, float(n), n) if _is_number(n) else (1, 0.0, n))
+
+
+def _check_single_labels(values: list[Any], column: str, where: str) -> None:
+    """One label per row: a list or mapping is refused, naming the row."""
+    for row, value in enumerate(values):
+        if isinstance(value, (list, tuple, dict)):
+            raise DataError(f"{where}: row {row + 1}, column {column!r}: a label must be one value, got {value!r} "
+                            f"(several labels per row is multi-label classification, which this task does not do)")
 
 
 def _is_number(text: str) -> bool:

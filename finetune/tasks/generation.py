@@ -118,6 +118,7 @@ class GenerationTask(Task):
     headline_metrics = ["perplexity", "loss", "rougeL", "eos_share", "mean_new_tokens"]
     pipeline_tag = "text-generation"
     eval_pad_values = {"generated": GENERATED_PAD}
+    input_columns = ("text", "prompt", "messages")
     data: GenerationData
     eval: GenerationEval
 

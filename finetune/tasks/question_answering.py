@@ -105,6 +105,7 @@ class QuestionAnsweringTask(Task):
     auto_class = AutoModelForQuestionAnswering
     peft_task_type = "QUESTION_ANS"
     modules_to_save = ["qa_outputs"]
+    input_columns = ("question", "context")
     metrics_higher_is_better = {"loss": False, "exact_match": True, "f1": True}
     headline_metrics = ["exact_match", "f1"]
     pipeline_tag = "question-answering"

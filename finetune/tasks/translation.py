@@ -141,6 +141,7 @@ class TranslationTask(Task):
     headline_metrics = ["bleu", "chrf"]
     pipeline_tag = "translation"
     eval_pad_values = {"generated": IGNORE_INDEX}
+    input_columns = ("source",)
     data: TranslationData
     eval: TranslationEval
 
