@@ -7,9 +7,12 @@ import hashlib
 import json
 import os
 import shutil
+import logging
 import subprocess
 import sys
+import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,6 +37,7 @@ from finetune.merge import merge_run, quantization_of
 from finetune.recipes import RECIPES_DIR, load_config
 from finetune.trained_run import load_run, locate_run
 from hub_server import FAKE_TOKEN, HubServer, hub_server, patch_hf_client  # noqa: F401
+from silent_hub import SilentServer
 
 BASE_ID = "test-user/tiny-bert"
 REPO = "test-user/tiny-classifier"
@@ -388,6 +392,167 @@ def test_run_references() -> None:
         assert not looks_like_hub_id(ref), ref
     with pytest.raises(RunFolderError, match="run folder not found"):
         locate_run("no-such-run")
+
+
+# --- a Hub that does not answer -------------------------------------------------------------------
+HANG_BOUND = 30.0
+"""Seconds a command may take against a silent Hub with FINETUNE_HUB_TIMEOUT=1 (it used to hang for good)."""
+
+
+def fresh_process_env(endpoint: str, hf_home: Path, **extra: str) -> dict[str, str]:
+    """The environment of a user's shell: only HF_ENDPOINT, HF_TOKEN and HF_HOME say where the Hub is."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "FINETUNE_HUB"))}
+    return env | {"HF_ENDPOINT": endpoint, "HF_TOKEN": FAKE_TOKEN, "HF_HUB_DISABLE_XET": "1",
+                  "HF_HOME": str(hf_home), "PYTHONPATH": str(Path(__file__).resolve().parent.parent), **extra}
+
+
+@pytest.fixture()
+def silent_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SilentServer]:
+    """A Hub that accepts connections and never answers, the client pointed at it, 1 s timeouts; the client
+    cache is the one the ``hub`` fixture fills (tmp_path / "hf_home"), so what a test pulled earlier is there."""
+    monkeypatch.setenv("FINETUNE_HUB_TIMEOUT", "1")
+    monkeypatch.setenv("FINETUNE_HUB_BACKOFF", "0")
+    with SilentServer() as server:
+        patch_hf_client(monkeypatch, server.url, tmp_path / "hf_home")
+        yield server
+        close_session()
+
+
+def test_push_to_a_hub_that_never_answers_fails_within_the_timeout(trained_run: Path, silent_hub: SilentServer,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    before = folder_state(trained_run)
+    started = time.monotonic()
+    assert main(["push", str(trained_run), "--repo", REPO]) == 2
+    elapsed = time.monotonic() - started
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    (line,) = lines
+    assert "while creating the repo" in line and silent_hub.url in line, line
+    assert "did not answer within 1 s (FINETUNE_HUB_TIMEOUT" in line, line
+    assert elapsed < 5, elapsed  # one timeout: a request that timed out is not asked again
+    assert silent_hub.requests == ["POST /api/repos/create"]
+    assert folder_state(trained_run) == before
+
+
+def test_a_cached_run_is_used_when_the_hub_does_not_answer(trained_run: Path, hub: HubServer, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    push(trained_run, REPO)
+    cached = locate_run(REPO).path
+    inputs = held_out_inputs(trained_run)
+    local = load_run(trained_run)
+    expected = local.task.predict(local.model, inputs)
+    load_run(REPO)  # caches the base model (a Hub id) too, as a first `finetune predict ORG/NAME` does
+    close_session()
+    with SilentServer() as silent:
+        patch_hf_client(monkeypatch, silent.url, tmp_path / "hf_home")
+        monkeypatch.setenv("FINETUNE_HUB_TIMEOUT", "1")
+        started = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="finetune.hub"):
+            run = load_run(REPO)
+        elapsed = time.monotonic() - started
+        close_session()
+    assert elapsed < HANG_BOUND, elapsed
+    assert run.task.predict(run.model, inputs) == expected
+    notes = [r.getMessage() for r in caplog.records if r.name == "finetune.hub"]
+    assert len(notes) == 1, notes  # said once
+    assert f"did not answer within 1 s" in notes[0] and "using the copy" in notes[0] and REPO in notes[0]
+    assert silent.url in notes[0]
+    # After the timeout the base model came from the cache without asking again: one request in all.
+    assert silent.requests == [f"GET /api/models/{REPO}"]
+    assert locate_run(REPO).path == cached
+
+
+def test_predict_of_a_cached_run_in_a_fresh_process_with_a_silent_or_offline_hub(
+        trained_run: Path, hub: HubServer, tmp_path: Path) -> None:
+    """The reported hang: `finetune predict ORG/NAME` of a repo pulled earlier, the Hub accepting connections
+    but never answering; and the same with HF_HUB_OFFLINE=1, which must not touch the network at all."""
+    push(trained_run, REPO)
+    texts = ["a good movie", "so awful"]
+    local = load_run(trained_run)
+    expected = local.task.predict(local.model, [{"text": t} for t in texts])
+    load_run(REPO)  # the first pull, online: the run and its base model are now cached in tmp_path / "hf_home"
+    args = [sys.executable, "-m", "finetune", "predict", REPO, *[a for t in texts for a in ("--text", t)]]
+    for offline in (False, True):
+        with SilentServer() as silent:
+            env = fresh_process_env(silent.url, tmp_path / "hf_home", FINETUNE_HUB_TIMEOUT="1",
+                                    **({"HF_HUB_OFFLINE": "1"} if offline else {}))
+            started = time.monotonic()
+            proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=180, cwd=tmp_path)
+            elapsed = time.monotonic() - started
+            accepted, asked = silent.accepted, list(silent.requests)
+        assert proc.returncode == 0, proc.stderr
+        assert [json.loads(line) for line in proc.stdout.splitlines()] == expected
+        assert elapsed < HANG_BOUND + 30, elapsed  # + starting Python and importing torch on a busy machine
+        if offline:
+            assert accepted == 0 and "did not answer" not in proc.stderr
+        else:
+            # One request, the repo's head, timed out; nothing was asked after it (the base model came from
+            # the cache). huggingface_hub may also fetch its agent registry once (best effort, its own 3 s limit).
+            assert [r for r in asked if "/api/agent-harnesses" not in r] == [f"GET /api/models/{REPO}"], asked
+            notes = [line for line in proc.stderr.splitlines() if "cached earlier" in line]
+            assert len(notes) == 1 and "did not answer within 1 s" in notes[0], proc.stderr
+
+
+def test_a_silent_hub_and_no_cached_copy_is_one_clear_error(silent_hub: SilentServer) -> None:
+    started = time.monotonic()
+    with pytest.raises(HubError) as exc:
+        locate_run("test-user/never-pulled")
+    assert time.monotonic() - started < 5
+    message = str(exc.value)
+    assert "no copy of it is cached" in message and "did not answer within 1 s" in message
+    assert silent_hub.url in message and "\n" not in message
+
+
+def test_timeouts_are_bounded_and_configurable(monkeypatch: pytest.MonkeyPatch) -> None:
+    import httpx2
+    from huggingface_hub import get_session
+
+    from finetune.hub_client import bound_request, hub_timeouts, use_bounded_client
+
+    monkeypatch.delenv("FINETUNE_HUB_TIMEOUT", raising=False)
+    assert (hub_timeouts().connect, hub_timeouts().read) == (10, 60)
+    monkeypatch.setenv("FINETUNE_HUB_TIMEOUT", "3.5")
+    assert (hub_timeouts().connect, hub_timeouts().read) == (3.5, 3.5)
+    for bad in ("0", "-1", "soon", "inf"):
+        monkeypatch.setenv("FINETUNE_HUB_TIMEOUT", bad)
+        with pytest.raises(HubError, match="FINETUNE_HUB_TIMEOUT must be a positive number"):
+            hub_timeouts()
+    monkeypatch.setenv("FINETUNE_HUB_TIMEOUT", "3.5")
+    use_bounded_client()
+    close_session()  # the next client is built with the timeouts above
+    session = get_session()
+    assert session.event_hooks["request"][-1] is bound_request  # after huggingface_hub's own hooks
+    # What huggingface_hub's calls send: no limit (create_repo, repo_info, the commit) or their own 10 s.
+    for asked, expected in ((None, 3.5), (10.0, 3.5), (2.0, 2.0)):
+        request = session.build_request("GET", "http://127.0.0.1:9/api/models/a/b", timeout=asked)
+        bound_request(request)
+        assert request.extensions["timeout"] == {"connect": min(expected, 3.5), "read": expected,
+                                                 "write": expected, "pool": expected}, asked
+    assert isinstance(session, httpx2.Client) and session.timeout.read == 3.5
+
+
+def test_retries_stop_and_timeouts_are_not_retried() -> None:
+    import httpx2
+
+    calls, waits = [], []
+
+    def hangs() -> None:
+        calls.append(1)
+        raise httpx2.ReadTimeout("timed out")
+
+    with pytest.raises(httpx2.ReadTimeout):
+        with_retries(hangs, retries=5, backoff=1, sleep=waits.append)
+    assert len(calls) == 1 and waits == []
+
+    def refused() -> None:
+        calls.append(1)
+        raise httpx2.ConnectError("connection refused")
+
+    calls.clear()
+    with pytest.raises(httpx2.ConnectError):
+        with_retries(refused, retries=5, backoff=10, sleep=waits.append, max_wait=100)
+    assert waits == [10, 20, 40] and len(calls) == 4  # the next wait (80 s) would pass max_wait
 
 
 # --- merge -----------------------------------------------------------------------------------------
