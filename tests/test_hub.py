@@ -394,6 +394,53 @@ def test_run_references() -> None:
         locate_run("no-such-run")
 
 
+# --- what the Hub says is missing ------------------------------------------------------------------
+def test_pull_says_whether_the_repo_or_the_revision_is_missing(trained_run: Path, hub: HubServer,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    push(trained_run, REPO)
+    capsys.readouterr()  # the push's progress bars
+    assert main(["predict", "test-user/never-pushed", "--text", "hi"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"the Hub at {hub.url} has no repo test-user/never-pushed (HTTP 404)" in err, err
+
+    assert main(["predict", REPO, "--revision", "no-such-branch", "--text", "hi"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"has repo {REPO} but no branch, tag or commit 'no-such-branch' in it (HTTP 404)" in err, err
+    assert "has no repo" not in err
+    assert hub.count("GET", f"/api/models/{REPO}/revision/no-such-branch") == 1  # a 404 is not retried
+
+
+def test_a_private_repo_read_without_a_token_says_a_token_is_needed(trained_run: Path, hub: HubServer,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    push(trained_run, REPO, private=True)
+    monkeypatch.delenv("HF_TOKEN")
+    with pytest.raises(HubError) as exc:
+        locate_run(REPO)
+    message = str(exc.value)
+    assert f"has no repo {REPO} that can be read without a token" in message, message
+    assert "a token is needed: set HF_TOKEN or run `hf auth login`" in message
+    monkeypatch.setenv("HF_TOKEN", "hf_a_token_this_hub_does_not_accept")
+    hub.require_token(FAKE_TOKEN)
+    with pytest.raises(HubError, match=r"rejected the token \(HTTP 401\): set HF_TOKEN to a valid token with "
+                                       r"read access") as exc:
+        locate_run(REPO)
+    assert "hf_a_token_this_hub_does_not_accept" not in str(exc.value)
+
+
+def test_a_missing_file_is_named(hub: HubServer) -> None:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import RemoteEntryNotFoundError
+
+    HfApi().create_repo(REPO)
+    with pytest.raises(RemoteEntryNotFoundError) as exc:
+        hf_hub_download(REPO, "adapter_model.safetensors")
+    text = describe_failure(exc.value, REPO, FAKE_TOKEN)
+    assert text == f"repo {REPO} at revision 'main' on the Hub at {hub.url} has no file adapter_model.safetensors " \
+                   f"(HTTP 404)"
+
+
 # --- a Hub that does not answer -------------------------------------------------------------------
 HANG_BOUND = 30.0
 """Seconds a command may take against a silent Hub with FINETUNE_HUB_TIMEOUT=1 (it used to hang for good)."""
