@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", parents=[common], help="predict with a finished run")
     p.add_argument("run_dir", metavar="RUN", help=RUN_HELP)
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. model.name_or_path=PATH for a Hub run trained from a local base")
     p.add_argument("--revision", help="branch, tag or commit of a Hub run")
     for field, about in INPUT_FIELDS.items():
         p.add_argument(f"--{field.replace('_', '-')}", action="append", help=f"{about} (repeatable)")
@@ -100,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Merge the adapter into a float copy of the base and save a plain transformers "
                                    "model (safetensors) + tokenizer that loads without peft.")
     p.add_argument("run_dir", metavar="RUN", help=RUN_HELP)
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. model.name_or_path=PATH for a Hub run trained from a local base")
     p.add_argument("--out", type=Path, required=True, help="folder for the merged model")
     p.add_argument("--revision", help="branch, tag or commit of a Hub run")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
@@ -155,7 +159,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from finetune.trained_run import load_run
 
     inputs = read_inputs(args)
-    run = load_run(args.run_dir, revision=args.revision)
+    run = load_run(args.run_dir, args.overrides, revision=args.revision)
     stream = sys.stderr if args.stream or (args.stream is None and sys.stderr.isatty()) else None
     predictions = run.task.predict(run.model, inputs, stream=stream)
     out = args.output.open("w", encoding="utf-8") if args.output else sys.stdout
@@ -198,7 +202,8 @@ def cmd_push(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from finetune.merge import merge_run
 
-    out = merge_run(args.run_dir, args.out, revision=args.revision, dtype=args.dtype, overwrite=args.overwrite)
+    out = merge_run(args.run_dir, args.out, revision=args.revision, dtype=args.dtype, overwrite=args.overwrite,
+                    overrides=args.overrides)
     print(f"merged model written to {out}: it loads with transformers' from_pretrained alone, no peft")
     return 0
 

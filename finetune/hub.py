@@ -91,29 +91,82 @@ def upload_plan(run_dir: Path, repo_id: str | None = None) -> dict[str, Path | b
         rel = path.relative_to(folder).as_posix()
         if path.is_file() and rel != card:  # peft's boilerplate card; ours replaces it
             plan[rel] = path
+    hub_base = card_base_model(config, source)
     if ADAPTER_CONFIG in plan:
-        rewritten = _portable_adapter_config(folder / ADAPTER_CONFIG, card_base_model(config, source))
+        rewritten = _portable_adapter_config(folder / ADAPTER_CONFIG, hub_base)
         if rewritten is not None:
             plan[ADAPTER_CONFIG] = rewritten
     # Run files pushed beside the weights (besides the generated model card).
     for path in (run.config, run.metrics, run.source, run.log, run.curves):
         if path.is_file():
             plan[path.name] = path
+    # The config and the source name files of this machine: published without its directories.
+    plan[run.config.name] = portable_config(run.config, hub_base)
+    if source is not None:
+        plan[run.source.name] = portable_source(source, hub_base)
     summary = json.loads(run.metrics.read_text(encoding="utf-8"))
     plan[card] = model_card(config, task, summary, source, repo_id=repo_id).encode("utf-8")
     return plan
 
 
 def _portable_adapter_config(path: Path, hub_base: str | None) -> bytes | None:
-    """The adapter config with ``base_model_name_or_path`` set to the base's Hub id, when training
-    recorded a path on this machine (a checkpoint shipped by an installed package): peft's
-    ``AutoPeftModel*`` load the base from there. None when nothing needs changing."""
+    """The adapter config with ``base_model_name_or_path`` set to the base's Hub id when training recorded a
+    path on this machine (a checkpoint shipped by an installed package: peft's ``AutoPeftModel*`` then load
+    the base from the Hub), or to the folder's name for a local base. None when nothing needs changing."""
     data = json.loads(path.read_text(encoding="utf-8"))
     recorded = data.get("base_model_name_or_path")
-    if not hub_base or recorded == hub_base or not recorded or looks_like_hub_id(recorded):
+    if not isinstance(recorded, str) or not recorded or recorded == hub_base or looks_like_hub_id(recorded):
         return None
-    data["base_model_name_or_path"] = hub_base
+    if not hub_base and not is_local_path(recorded):
+        return None
+    data["base_model_name_or_path"] = hub_base or public_path(recorded)
     return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+PATH_KEYS = ("_file", "_dir", "_path", "name_or_path")
+"""Config keys (by their ending) whose values are paths."""
+
+
+def portable_config(path: Path, hub_base: str | None) -> bytes:
+    """``config.yaml`` as published: ``model.name_or_path`` is the base's Hub id (a checkpoint shipped by an
+    installed package) or, for a local folder, its name; every other path of this machine (data files,
+    ``run.output_dir``) is reduced to its name, so ``finetune eval ORG/NAME`` run where the data files are
+    finds them. Relative paths without ``..`` are kept: they name no directory of the trainer's machine."""
+    import yaml
+
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    for section in data.values():
+        if not isinstance(section, dict):
+            continue
+        for key, value in section.items():
+            if isinstance(value, str) and (key.endswith(PATH_KEYS) or Path(value).expanduser().exists()) \
+                    and is_local_path(value):
+                section[key] = public_path(value)
+    model = data.get("model") or {}
+    if hub_base and "name_or_path" in model:
+        model["name_or_path"] = hub_base
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True).encode("utf-8")
+
+
+def portable_source(source: dict[str, Any], hub_base: str | None) -> bytes:
+    """``source.json`` as published: where the base came from (``local``, ``package:NAME``, ``hub``) with the
+    base's Hub id in place of a package's folder, and file or folder names in place of other local paths."""
+    data = dict(source)
+    for key, value in source.items():
+        if isinstance(value, str) and is_local_path(value):
+            data[key] = hub_base if key == "path" and hub_base else public_path(value)
+    return (json.dumps(data, indent=2) + "\n").encode("utf-8")
+
+
+def is_local_path(value: str) -> bool:
+    """A path that names directories of this machine: absolute, from ``~``, or climbing out with ``..``."""
+    path = Path(value)
+    return path.is_absolute() or value.startswith("~") or ".." in path.parts
+
+
+def public_path(value: str) -> str:
+    """What is published for a local path: its last component (a file or folder name)."""
+    return Path(value).name or value
 
 
 # --- push ----------------------------------------------------------------------------------------

@@ -11,9 +11,10 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from finetune.config import Config
-from finetune.errors import RunFolderError
+from finetune.errors import ModelError, RunFolderError
 from finetune.models import load_adapter, resolve_checkpoint
 from finetune.recipes import load_config
+from finetune.report import read_source
 from finetune.run_folder import RunFolder, is_adapter
 from finetune.tasks import Task, load_task
 
@@ -52,6 +53,8 @@ def load_run(ref: str | Path, overrides: list[str] | None = None, revision: str 
     if not run.config.is_file():
         raise RunFolderError(f"{run.path} is not a run folder: no {run.config.name}")
     config = load_config(run.config, overrides)
+    if not any(o.startswith("model.name_or_path=") for o in overrides or []):
+        _check_local_base(ref, run, config)
     folder = run.weights()
     task = load_task(config, folder)
     if is_adapter(folder):
@@ -60,3 +63,13 @@ def load_run(ref: str | Path, overrides: list[str] | None = None, revision: str 
         model = task.auto_class.from_pretrained(str(folder), use_safetensors=True)
     model.eval()
     return TrainedRun(config, task, model)
+
+
+def _check_local_base(ref: str | Path, run: RunFolder, config: Config) -> None:
+    """A run trained from a local base folder needs that folder; a run pulled from the Hub names only the
+    folder (no path of the trainer's machine is published), so the user says where their copy is."""
+    source = read_source(run)
+    name = config.model.name_or_path
+    if source and source.get("source") == "local" and not Path(name).expanduser().exists():
+        raise ModelError(f"{ref} was trained from a local base model folder named {Path(name).name!r}, which is "
+                         f"not here: give model.name_or_path=PATH (where your copy of it is)")

