@@ -203,8 +203,9 @@ def push(run_dir: Path, repo_id: str, *, private: bool = False, revision: str | 
         try:
             return with_retries(call, retries=retries, backoff=wait)
         except hub_failures() as exc:
-            raise HubError(f"push of {run_dir} to {repo_id} failed while {what}: "
-                           f"{describe_failure(exc, repo_id, token, revision)}. The run folder was not changed.") from None
+            reason = describe_failure(exc, repo_id, token, revision)
+            raise HubError(f"push of {run_dir} to {repo_id} failed while {what}: {reason}. "
+                           f"The run folder was not changed.") from None
 
     # private=None leaves the visibility to the namespace's default (an organisation may default to private).
     url = step("creating the repo", lambda: api.create_repo(repo_id, private=private or None, exist_ok=True))
@@ -412,8 +413,10 @@ def pull(repo_id: str, revision: str | None = None, *, retries: int = RETRIES, b
         wait = _backoff(backoff)
         try:
             # Asked first on its own so that a Hub that does not answer is noticed here: snapshot_download
-            # would fall back to the cache without telling.
-            with_retries(lambda: HfApi().repo_info(repo_id, revision=revision), retries=retries, backoff=wait)
+            # would fall back to the cache without telling. The revision is always named, as snapshot_download
+            # does (mirrors such as olah answer /api/models/ORG/NAME only for repos they proxy).
+            head = revision or constants.DEFAULT_REVISION
+            with_retries(lambda: HfApi().repo_info(repo_id, revision=head), retries=retries, backoff=wait)
             folder = Path(with_retries(lambda: snapshot_download(repo_id, revision=revision),
                                        retries=retries, backoff=wait))
         except hub_failures() as exc:

@@ -632,7 +632,7 @@ def test_a_cached_run_is_used_when_the_hub_does_not_answer(trained_run: Path, hu
     assert f"did not answer within 1 s" in notes[0] and "using the copy" in notes[0] and REPO in notes[0]
     assert silent.url in notes[0]
     # After the timeout the base model came from the cache without asking again: one request in all.
-    assert silent.requests == [f"GET /api/models/{REPO}"]
+    assert silent.requests == [f"GET /api/models/{REPO}/revision/main"]
     assert locate_run(REPO).path == cached
 
 
@@ -662,7 +662,8 @@ def test_predict_of_a_cached_run_in_a_fresh_process_with_a_silent_or_offline_hub
         else:
             # One request, the repo's head, timed out; nothing was asked after it (the base model came from
             # the cache). huggingface_hub may also fetch its agent registry once (best effort, its own 3 s limit).
-            assert [r for r in asked if "/api/agent-harnesses" not in r] == [f"GET /api/models/{REPO}"], asked
+            head = [f"GET /api/models/{REPO}/revision/main"]
+            assert [r for r in asked if "/api/agent-harnesses" not in r] == head, asked
             notes = [line for line in proc.stderr.splitlines() if "cached earlier" in line]
             assert len(notes) == 1 and "did not answer within 1 s" in notes[0], proc.stderr
 
