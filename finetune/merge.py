@@ -70,7 +70,8 @@ def merge_adapter(model: PeftModel, name: str = "the adapter") -> PreTrainedMode
 def merge_run(ref: str | Path, out: Path, *, revision: str | None = None, dtype: str = "float32",
               overwrite: bool = False, overrides: list[str] | None = None) -> Path:
     """Merge the adapter of a run (folder or Hub id) into a float copy of its base; save a plain
-    transformers model (safetensors), its tokenizer and task files (label map in ``config.id2label``)."""
+    transformers model (safetensors), its tokenizer and task files (label map in ``config.id2label``).
+    ``overrides``: config keys, e.g. ``model.name_or_path=PATH`` for a Hub run trained from a local base."""
     if dtype not in DTYPES:
         raise ModelError(f"--dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
     run_folder = locate_run(ref, revision)

@@ -18,6 +18,7 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from finetune.config import LoraSettings, ModelConfig
 from finetune.errors import ConfigError, ModelError
+from finetune.hub_client import use_bounded_client
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -106,6 +107,7 @@ def _locate_checkpoint(cfg: ModelConfig) -> Checkpoint:
             return Checkpoint(requested, str(folder), f"package:{package.package}",
                               cfg.gguf_file or package.gguf_file)
         logger.warning("%s is shipped offline by a package that is not installed: %s", hub_id, package.pip)
+    use_bounded_client()  # the downloads that follow wait at most FINETUNE_HUB_TIMEOUT for the Hub
     return Checkpoint(requested, hub_id, "hub", cfg.gguf_file, cfg.revision)
 
 

@@ -144,6 +144,9 @@ def _fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 
 
 ATTENTION_NAME = "finetune_cpu_training"
+SDPA_ONLY_ARGUMENTS = ("position_bias", "softcap")
+"""Arguments of transformers' attention functions that change the result and that only its SDPA function
+handles (T5's relative position bias; softcap, which it refuses): given any, the call goes to SDPA."""
 MATH_ATTENTION_MAX_LENGTH = 128
 """Longest key sequence for which explicit matmuls beat torch's CPU flash kernel without dropout (measured
 forward + backward: 2x faster at 64 tokens, 1.7x at 128, slower from 256 on)."""
@@ -155,11 +158,13 @@ def cpu_training_attention(module: torch.nn.Module, query: torch.Tensor, key: to
     """A transformers attention function: SDPA's semantics, computed as two matmuls around an fp32 softmax
     with :func:`keep_mask` dropout when training on CPU. There torch's SDPA either runs its flash kernel
     (no dropout; slow to backpropagate through short sequences) or, with dropout, a math fallback whose
-    dropout mask is drawn element by element. Evaluation, other devices and long sequences use SDPA."""
+    dropout mask is drawn element by element. Evaluation, other devices, long sequences and calls with a
+    position bias (T5) use SDPA."""
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
     if not module.training or query.device.type != "cpu" \
-            or (dropout == 0 and key.shape[-2] > MATH_ATTENTION_MAX_LENGTH):
+            or (dropout == 0 and key.shape[-2] > MATH_ATTENTION_MAX_LENGTH) \
+            or any(kwargs.get(name) is not None for name in SDPA_ONLY_ARGUMENTS):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     repeats = query.shape[1] // key.shape[1]  # grouped-query attention: share each key/value head

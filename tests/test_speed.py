@@ -195,6 +195,21 @@ def test_cpu_training_attention_matches_sdpa(build) -> None:
     assert not speed.use_cpu_training_attention(switched)  # already switched: left as it is
 
 
+def test_cpu_training_attention_keeps_t5s_relative_position_bias() -> None:
+    """T5 passes its relative position bias to the attention function (``position_bias``): the math path does
+    not add it, so such calls go to SDPA (they used to drop it: logits off by 0.24)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0,
+                      decoder_start_token_id=0, attn_implementation="sdpa")
+    reference = T5ForConditionalGeneration(config).train()
+    switched = copy.deepcopy(reference)
+    assert speed.use_cpu_training_attention(switched)
+    inputs = {"input_ids": batch()["input_ids"], "labels": batch()["input_ids"][:, :6].contiguous()}
+    torch.testing.assert_close(switched(**inputs).logits, reference(**inputs).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_cpu_training_attention_only_replaces_sdpa() -> None:
     config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=32, attn_implementation="eager")
