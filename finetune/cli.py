@@ -214,7 +214,8 @@ def cmd_recipes(args: argparse.Namespace) -> int:
         about = first.lstrip("# ").strip() if first.startswith("#") else ""
         task = (raw.get("run") or {}).get("task", "?")
         model = (raw.get("model") or {}).get("name_or_path", "?")
-        print(f"{path.stem:<24} {task:<20} {model:<45} {about}")
+        source = (raw.get("data") or {}).get("source", "?")
+        print(f"{path.stem:<20} {task:<20} {model:<40} {source:<26} {about}")
     return 0
 
 

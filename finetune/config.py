@@ -107,6 +107,14 @@ class DataConfig:
         if self.source == "files":
             check(self.train_file is not None or self.test_file is not None, "data.train_file",
                   "a file path when data.source is 'files'", self.train_file)
+        else:
+            # Files are read only with source 'files': silently training on the built-in or Hub data while the
+            # user named a file would be worse than stopping.
+            for key in ("train_file", "validation_file", "test_file"):
+                if getattr(self, key) is not None:
+                    raise ConfigError(f"config key 'data.{key}' is set ({getattr(self, key)!r}) but data.source is "
+                                      f"{self.source!r}, which does not read files; add data.source=files to train "
+                                      f"on your files, or drop data.{key}")
 
 
 @dataclass
