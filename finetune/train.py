@@ -120,6 +120,9 @@ class TrainingRun:
                                                   for name, split in self.splits.items()})
         for line in task.describe(self.splits):
             accelerator.print(line)
+        self.warnings = held_out_warnings(self.splits, self.features)
+        for warning in self.warnings:
+            accelerator.print(f"warning: {warning}")
 
     def _build_model(self) -> None:
         """The task's model, with LoRA unless the recipe asks for full fine-tuning, and the speed options."""
@@ -337,11 +340,30 @@ class TrainingRun:
             "global_step": state.global_step,
             "skipped_batches": state.skipped_batches,
             "split_sizes": {name: len(split) for name, split in self.splits.items()},
+            "warnings": self.warnings,
             "parameters": {"trainable": self.trainable, "total": self.total},
         }
 
 
 # --- policies and counters ----------------------------------------------------------------------------
+MIN_HELD_OUT_EXAMPLES = 20
+MIN_HELD_OUT_ROWS = 5
+"""Held-out splits smaller than this (examples, or evaluation rows such as blocks of plain text) are warned of."""
+
+
+def held_out_warnings(splits: datasets.DatasetDict, features: datasets.DatasetDict) -> list[str]:
+    """Warnings for validation and test splits too small for their numbers (and curves) to mean anything;
+    printed before training and kept in ``metrics.json``."""
+    warnings = []
+    for name, key in (("validation", "validation_size"), ("test", "test_size")):
+        examples, rows = len(splits[name]), len(features[name])
+        if examples < MIN_HELD_OUT_EXAMPLES or rows < MIN_HELD_OUT_ROWS:
+            warnings.append(f"the {name} split has only {examples} examples ({rows} evaluation rows): its metrics"
+                            f"{' and the validation curve' if name == 'validation' else ''} are mostly noise; give "
+                            f"more data, a data.{name}_file, or a larger data.{key}")
+    return warnings
+
+
 class Schedule:
     """How long the run is, and when it logs, validates, checkpoints and stops early."""
 

@@ -214,6 +214,10 @@ class GenerationTask(Task):
                                 remove_columns=examples.column_names, desc=f"tokenizing {split}")
         if len(features) == 0:
             raise DataError(f"{split}: the text has too few tokens to form a block")
+        if split == "test":  # the first generate_samples blocks: continue their first half (a prediction row each)
+            count = len(features)
+            features = features.add_column("generate", [i < self.eval.generate_samples for i in range(count)])
+            features = features.add_column("prompt_length", [max(1, n // 2) for n in features["length"]])
         logger.info("%s: %d lines -> %d blocks of up to %d tokens (%d tokens)", split, len(examples),
                     len(features), block, sum(features["length"]))
         return features
@@ -301,7 +305,9 @@ class GenerationTask(Task):
         loss = float(outputs["nll"].sum() / max(tokens, 1))
         metrics: dict[str, Any] = {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else float("inf"),
                                    "target_tokens": tokens}
-        if "generated" not in outputs or self.learned.shape == "text":
+        if self.learned.shape == "text":
+            return metrics, self._text_rows(outputs, features)
+        if "generated" not in outputs:
             return metrics, []
         eos_ids = set(eos_token_ids(self.tokenizer))
         rows, predictions, references, ended, lengths = [], [], [], [], []
@@ -327,8 +333,28 @@ class GenerationTask(Task):
                            max_new_tokens=self.eval.max_new_tokens, generated=len(predictions))
         return metrics, rows
 
+    def _text_rows(self, outputs: dict[str, np.ndarray], features: datasets.Dataset) -> list[dict[str, Any]]:
+        """Plain text: one row per evaluated block (its loss and target tokens); a block generated for also has
+        its first half (``prompt``), its second half (``reference``) and the model's continuation (``generation``,
+        cut to the reference's length: a plain-text model rarely stops by itself)."""
+        decode = self.tokenizer.decode
+        rows = []
+        flags = features["generate"] if "generate" in features.column_names else [False] * len(features)
+        for i, ids in enumerate(features["input_ids"]):
+            row: dict[str, Any] = {"block": i}
+            if flags[i] and "generated" in outputs:
+                half = features["prompt_length"][i]
+                new = [int(t) for t in outputs["generated"][i] if t != GENERATED_PAD][:len(ids) - half]
+                row.update(prompt=decode(ids[:half]), reference=decode(ids[half:]),
+                           generation=decode(new, skip_special_tokens=True))
+            else:
+                row["text"] = decode(ids)
+            row.update(loss=round(float(outputs["loss"][i]), 6), tokens=int(outputs["tokens"][i]))
+            rows.append(row)
+        return rows
+
     def preview(self, predictions: list[dict[str, Any]], count: int = 3) -> list[str]:
-        generated = [row for row in predictions if "generation" in row][:count]
+        generated = [row for row in predictions if "generation" in row and "ended_with_eos" in row][:count]
         if not generated:
             return []
         lines = ["\nsample generations (held-out test prompts):"]
