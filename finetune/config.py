@@ -157,7 +157,9 @@ class TrainConfig:
     """Evaluate on validation every N optimizer steps (and at each epoch end)."""
     save_every_steps: int | None = None
     """Write a resumable checkpoint every N optimizer steps (and at each epoch end)."""
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 0
+    """Resumable checkpoints a finished run keeps (the newest N; the best weights stay in ``best/`` anyway). While
+    training, the newest max(N, 2) are kept, so that resuming can fall back past a damaged newest one."""
     metric_for_best: str = "loss"
     """Validation metric that picks the best checkpoint (``loss`` or a task metric)."""
     early_stopping_patience: int | None = None
@@ -203,7 +205,7 @@ class TrainConfig:
         for key in ("eval_every_steps", "save_every_steps", "early_stopping_patience"):
             value = getattr(self, key)
             check(value is None or value > 0, f"train.{key}", "a positive integer or null", value)
-        check(self.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1", self.keep_checkpoints)
+        check(self.keep_checkpoints >= 0, "train.keep_checkpoints", ">= 0", self.keep_checkpoints)
         check(self.log_every_steps > 0, "train.log_every_steps", "> 0", self.log_every_steps)
         check(self.pad_to_multiple_of is None or self.pad_to_multiple_of > 0, "train.pad_to_multiple_of",
               "> 0 or null", self.pad_to_multiple_of)

@@ -5,7 +5,9 @@
         source.json             where the base checkpoint came from
         train_log.jsonl         one record per logging step and per validation
         before_training.json    test metrics of the untouched base model (eval.before_training)
-        checkpoints/step-N/     resumable checkpoints (accelerate state + trainer_state.json)
+        checkpoints/step-N/     resumable checkpoints (accelerate state + trainer_state.json; with a frozen base,
+                                trainable.safetensors instead of the whole model); a finished run keeps
+                                train.keep_checkpoints of them (none by default)
         best/trainable.safetensors   the best trainable weights so far
         adapter/ or model/      the trained weights, tokenizer and task.json (what the task learned)
         predictions_test.jsonl  one prediction per test example
@@ -32,6 +34,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 MODEL_CONFIG = "config.json"
 CHECKPOINT_STATE = "trainer_state.json"
 """In a checkpoint folder, written last: step, epoch, position in the epoch, best metric."""
+TRAINABLE_WEIGHTS = "trainable.safetensors"
+"""The trainable weights only (LoRA + head): in ``best/``, and in the checkpoints of a run with a frozen base."""
 
 
 class RunFolder:
@@ -60,7 +64,7 @@ class RunFolder:
     model = property(lambda self: self.path / "model")
     """Full fine-tuning runs: the whole model, tokenizer and task file."""
     checkpoints = property(lambda self: self.path / "checkpoints")
-    best_weights = property(lambda self: self.path / "best" / "trainable.safetensors")
+    best_weights = property(lambda self: self.path / "best" / TRAINABLE_WEIGHTS)
     tracker_logs = property(lambda self: self.path / "logs")
 
     def checkpoint(self, step: int) -> Path:

@@ -33,8 +33,9 @@ from transformers import get_scheduler
 from finetune import report
 from finetune.accelerator import make_accelerator, process_group, resolve_mixed_precision
 from finetune.batching import eval_dataloader, train_dataloader
-from finetune.checkpoints import (GracefulStop, TrainerState, TrainingInterrupted, inject_fault, load_checkpoint,
-                                  load_trainable, save_checkpoint, save_trainable)
+from finetune.checkpoints import (GracefulStop, TrainerState, TrainingInterrupted, checkpoint_trainable_only,
+                                  inject_fault, load_checkpoint, load_trainable, prune_checkpoints, save_checkpoint,
+                                  save_trainable)
 from finetune.config import Config, TrainConfig, dump_config
 from finetune.data import load_raw, load_splits
 from finetune.errors import FinetuneError
@@ -153,6 +154,7 @@ class TrainingRun:
                                   num_warmup_steps=int(t.warmup_ratio * self.schedule.max_steps) * accelerator.num_processes,
                                   num_training_steps=self.schedule.max_steps * accelerator.num_processes)
         self.scheduler = accelerator.prepare(scheduler)
+        checkpoint_trainable_only(accelerator)  # LoRA: checkpoints without the frozen base
         if t.trackers:
             accelerator.init_trackers(config.run.name, config=report.flatten(config.to_dict()))
 
@@ -323,6 +325,7 @@ class TrainingRun:
             if run.before_training.is_file():
                 summary["before_training"] = json.loads(run.before_training.read_text(encoding="utf-8"))
             report.write_run(run, self.config, task, result, summary)
+            prune_checkpoints(run, self.config.train.keep_checkpoints)  # after metrics.json: a finished run
             report.print_summary(task, summary)
             for line in task.preview(result.predictions):
                 print(line)
