@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.config import Config
-from finetune.run_folder import RunFolder
+from finetune.run_folder import ADAPTER_CONFIG, RunFolder
 
 
 def flatten(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -56,10 +56,17 @@ def truncate_log(path: Path, step: int) -> None:
 
 
 def write_run(run: RunFolder, config: Config, task: Any, result: Any, summary: dict[str, Any]) -> None:
-    """Predictions, curve, model card, and last ``metrics.json`` (its presence marks a finished run)."""
+    """Predictions, curve, model card (in the run folder and in the weights folder, whose adapter config then
+    names the base by its Hub id), and last ``metrics.json`` (its presence marks a finished run)."""
     write_predictions(run.predictions, result.predictions)
     plot_curves(read_log(run.log), run.curves, config.train.metric_for_best)
-    run.card.write_text(model_card(config, task, summary, read_source(run)), encoding="utf-8")
+    source = read_source(run)
+    card = model_card(config, task, summary, source)
+    run.card.write_text(card, encoding="utf-8")
+    weights = run.weights_for(config.lora.method)
+    if weights.is_dir():
+        (weights / run.card.name).write_text(card, encoding="utf-8")  # peft wrote its empty template there
+        record_base_model(weights, config, source)
     tmp = run.metrics.with_name(run.metrics.name + ".tmp")
     tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, run.metrics)
@@ -181,6 +188,24 @@ def card_base_model(config: Config, source: dict[str, Any] | None = None) -> str
     name = config.model.name_or_path
     local = source["source"] == "local" if source else looks_like_path(name) or Path(name).expanduser().exists()
     return None if local else OFFLINE_ALIASES.get(name, name)
+
+
+def record_base_model(weights: Path, config: Config, source: dict[str, Any] | None) -> None:
+    """Make a saved adapter name its base by the Hub id the run was made from (and the revision, when the Hub
+    provided the weights) instead of the path peft recorded (a package in site-packages, a cache folder), so that
+    the adapter loads anywhere (``AutoPeftModel*``, the Hub's model tree). A local base keeps its path."""
+    path = weights / ADAPTER_CONFIG
+    hub_id = card_base_model(config, source)
+    if not path.is_file() or hub_id is None:
+        return
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data["base_model_name_or_path"] = hub_id
+    revision = (source or {}).get("revision") if (source or {}).get("source") == "hub" else None
+    if revision:
+        data["revision"] = revision
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def read_source(run: RunFolder) -> dict[str, Any] | None:
