@@ -52,6 +52,8 @@ class TrainerState:
     last_eval_step: int = -1
     skipped_batches: int = 0
     """Micro-batches skipped for a non-finite loss (``train.on_nonfinite_loss: skip``)."""
+    elapsed_seconds: float = 0.0
+    """Wall time of the run up to this checkpoint (what ``finetune runs`` shows for a stopped run)."""
 
     def improves(self, value: float, higher_is_better: bool) -> bool:
         """Whether a validation metric ``value`` beats the best so far."""
@@ -143,11 +145,7 @@ def _remove(folder: Path) -> None:
 
 def complete_checkpoints(run: RunFolder) -> list[Path]:
     """Whole checkpoints, oldest first."""
-    folder = run.checkpoints
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step-") and "." not in p.name
-                  and (p / CHECKPOINT_STATE).is_file())
+    return run.complete_checkpoints()
 
 
 def incomplete_checkpoints(run: RunFolder) -> list[Path]:

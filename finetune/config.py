@@ -39,7 +39,7 @@ class RunConfig:
     task: str = "classification"
     """Task name from the registry in ``finetune.tasks``."""
     name: str | None = None
-    """Run folder name under ``output_dir``; default ``<recipe>-<timestamp>``."""
+    """Run folder name under ``output_dir``; default ``<recipe>-<data name>-<timestamp>``."""
     output_dir: str = "runs"
     seed: int = 42
 

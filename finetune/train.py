@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import signal
 import time
 from contextlib import contextmanager
@@ -30,19 +31,19 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broa
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from finetune import report
+from finetune import report, report_page
 from finetune.accelerator import make_accelerator, process_group, resolve_mixed_precision
 from finetune.batching import eval_dataloader, train_dataloader
 from finetune.checkpoints import (GracefulStop, TrainerState, TrainingInterrupted, checkpoint_trainable_only,
                                   inject_fault, load_checkpoint, load_trainable, prune_checkpoints, save_checkpoint,
                                   save_trainable)
-from finetune.config import Config, TrainConfig, dump_config
+from finetune.config import Config, DataConfig, TrainConfig, dump_config
 from finetune.data import load_raw, load_splits
 from finetune.errors import FinetuneError
 from finetune.evaluation import EvalResult, evaluate
 from finetune.models import apply_lora, count_parameters, resolve_checkpoint, write_source
 from finetune.recipes import load_config
-from finetune.run_folder import RunFolder, default_run_name
+from finetune.run_folder import RunFolder, clear_failure, data_name, default_run_name, write_failure
 from finetune.speed import apply_speed_options, enable_tf32, make_adamw
 from finetune.tasks import Task, new_task
 
@@ -50,9 +51,15 @@ from finetune.tasks import Task, new_task
 def train(config: Config, recipe_name: str, overwrite: bool = False, resume: str | None = None) -> Path:
     """Train, evaluate on the test split, and write the run folder. Returns the run folder."""
     run = TrainingRun(config, recipe_name)
-    run.setup(overwrite=overwrite, resume=resume)
-    run.fit()
-    return run.finish()
+    try:
+        run.setup(overwrite=overwrite, resume=resume)
+        run.fit()
+        return run.finish()
+    except TrainingInterrupted:
+        raise  # stopped on request, with a checkpoint: resumable, not failed
+    except Exception as exc:
+        run.record_failure(exc)
+        raise
 
 
 class TrainingRun:
@@ -64,6 +71,11 @@ class TrainingRun:
         self.task: Task | None = None
         """Made in setup, once the training data and the checkpoint are known."""
         self.state = TrainerState()
+        self.opened = False
+        """Whether this run made (or took over) its run folder: only then is a failure recorded there."""
+        self.started = time.perf_counter()
+        self.elapsed_before = 0.0
+        """Wall seconds of the earlier segments of a resumed run (up to the checkpoint it resumed from)."""
 
     # --- setup -----------------------------------------------------------------------------------------
     def setup(self, overwrite: bool = False, resume: str | None = None) -> None:
@@ -79,8 +91,8 @@ class TrainingRun:
         config = self.config
         processes = process_group()
         if resume is not None and config.run.name is None:
-            config.run.name = latest_unfinished_run(Path(config.run.output_dir), self.recipe_name)
-        name = [config.run.name or default_run_name(self.recipe_name)]
+            config.run.name = latest_unfinished_run(Path(config.run.output_dir), self.recipe_name, config.data)
+        name = [config.run.name or default_run_name(self.recipe_name, config.data)]
         broadcast_object_list(name)
         config.run.name = name[0]
         self.run = RunFolder(Path(config.run.output_dir) / config.run.name)
@@ -89,6 +101,8 @@ class TrainingRun:
             if resume is not None:
                 check_same_config(self.run.config, config)
             dump_config(config, self.run.config)
+            clear_failure(self.run)  # a failed run resumed after its cause was fixed
+        self.opened = True
         processes.wait_for_everyone()
 
     def _start_accelerator(self) -> None:
@@ -163,6 +177,7 @@ class TrainingRun:
         accelerator, run, resumed_from = self.accelerator, self.run, None
         if resume is not None:
             self.state, resumed_from = load_checkpoint(accelerator, run, resume)
+            self.elapsed_before = self.state.elapsed_seconds
             if resumed_from is None:
                 accelerator.print("no complete checkpoint to resume from; starting from the beginning")
             else:
@@ -256,6 +271,7 @@ class TrainingRun:
             stopping = bool(accelerator.reduce(torch.tensor(int(stop.requested), device=accelerator.device),
                                                "max").item())
             if schedule.save_now(state.global_step, end_of_epoch, done) or stopping:
+                state.elapsed_seconds = self.elapsed_seconds()
                 saved = save_checkpoint(accelerator, self.run, state, self.config.train.keep_checkpoints)
                 if stopping:
                     self.progress.close()
@@ -326,11 +342,23 @@ class TrainingRun:
                 summary["before_training"] = json.loads(run.before_training.read_text(encoding="utf-8"))
             report.write_run(run, self.config, task, result, summary)
             prune_checkpoints(run, self.config.train.keep_checkpoints)  # after metrics.json: a finished run
+            report_page.write_report(run, task)
             report.print_summary(task, summary)
             for line in task.preview(result.predictions):
                 print(line)
+            report.print_next_steps(run, task)
         accelerator.end_training()
         return run.path
+
+    def elapsed_seconds(self) -> float:
+        """Wall time of the run so far, over every segment of a resumed run."""
+        return round(self.elapsed_before + time.perf_counter() - self.started, 1)
+
+    def record_failure(self, exc: BaseException) -> None:
+        """An error ended the run: say so in its folder (``finetune runs`` lists it as failed)."""
+        if self.opened:
+            write_failure(self.run, exc, self.state.global_step, self.elapsed_seconds(),
+                          getattr(getattr(self, "accelerator", None), "process_index", 0))
 
     def _summary(self, result: EvalResult, baseline: dict[str, Any]) -> dict[str, Any]:
         """The content of ``metrics.json`` (throughput and before-training results are added to it)."""
@@ -345,6 +373,9 @@ class TrainingRun:
             "split_sizes": {name: len(split) for name, split in self.splits.items()},
             "warnings": self.warnings,
             "parameters": {"trainable": self.trainable, "total": self.total},
+            "headline_metric": self.task.headline_metrics[0],
+            "wall_seconds": self.elapsed_seconds(),
+            "environment": report.environment(self.accelerator, self.mixed_precision),
         }
 
 
@@ -471,14 +502,17 @@ def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Op
     return make_adamw(groups, train.learning_rate, train.fused_optimizer)
 
 
-def latest_unfinished_run(output_dir: Path, recipe_name: str) -> str:
-    """The newest ``<recipe>-<timestamp>`` run folder that is not finished (what ``--resume`` continues
-    when no ``run.name`` is given)."""
-    candidates = sorted(p for p in output_dir.glob(f"{recipe_name}-*") if p.is_dir() and not RunFolder(p).is_finished())
+def latest_unfinished_run(output_dir: Path, recipe_name: str, data: DataConfig) -> str:
+    """The newest unfinished run folder of this recipe and data with a default name, ``<recipe>-<data>-<time>``
+    (or ``<recipe>-<time>``, as older runs were named): what ``--resume`` continues when no ``run.name`` is given."""
+    pattern = re.compile(rf"^{re.escape(recipe_name)}-(?:{re.escape(data_name(data))}-)?(\d{{8}}-\d{{6}})$")
+    candidates = sorted((match.group(1), p.name) for p in output_dir.glob(f"{recipe_name}-*")
+                        if (match := pattern.match(p.name)) and p.is_dir() and not RunFolder(p).is_finished())
     if not candidates:
-        raise FinetuneError(f"--resume: no unfinished {recipe_name}-* run in {output_dir}; name it with "
-                            f"run.name=NAME, or resume from its config: finetune train RUN/config.yaml --resume auto")
-    return candidates[-1].name
+        raise FinetuneError(f"--resume: no unfinished {recipe_name}-{data_name(data)}-* run in {output_dir}; name it "
+                            f"with run.name=NAME, or resume from its config: finetune train RUN/config.yaml --resume "
+                            f"auto")
+    return candidates[-1][1]
 
 
 def check_same_config(saved_path: Path, config: Config) -> None:

@@ -113,7 +113,7 @@ def test_the_config_core_imports_no_task_and_no_model_library() -> None:
 
 RUN_FILES = ("config.yaml", "metrics.json", "train_log.jsonl", "curves.png", "predictions_test.jsonl",
              "README.md", "source.json", "before_training.json", "task.json", "trainer_state.json",
-             "adapter_config.json", "trainable.safetensors")
+             "adapter_config.json", "trainable.safetensors", "report.html", "failure.json")
 
 
 def test_only_the_run_folder_module_spells_run_file_names() -> None:

@@ -40,7 +40,8 @@ def test_the_adapter_names_its_base_by_hub_id_and_carries_our_card(packaged_tiny
     adapter = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == "tiny-org/tiny-bert"
     card = (run_dir / "adapter" / "README.md").read_text()
-    assert card == (run_dir / "README.md").read_text()
+    assert card == (run_dir / "README.md").read_text().replace("(report.html)", "(../report.html)")
+    assert "[report.html](../report.html)" in card  # the run's report page, one folder up
     assert "base_model: tiny-org/tiny-bert" in card and "accuracy" in card
     assert "[More Information Needed]" not in card  # peft's template
 

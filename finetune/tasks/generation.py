@@ -92,9 +92,12 @@ class GenerationEval(EvalConfig):
     """Sample (with ``temperature`` and ``top_p``) instead of greedy decoding."""
     temperature: float = 1.0
     top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    """Above 1, tokens already in the prompt or the answer are made less likely (1: off)."""
 
     def validate(self) -> None:
         super().validate()
+        check(self.repetition_penalty > 0, "eval.repetition_penalty", "> 0", self.repetition_penalty)
         check(self.generate_samples >= 0, "eval.generate_samples", ">= 0", self.generate_samples)
         check(self.max_new_tokens > 0, "eval.max_new_tokens", "> 0", self.max_new_tokens)
         check(self.temperature > 0, "eval.temperature", "> 0", self.temperature)
@@ -117,6 +120,7 @@ class GenerationTask(Task):
     metrics_higher_is_better = {"loss": False, "perplexity": False}
     headline_metrics = ["perplexity", "loss", "rougeL", "eos_share", "mean_new_tokens"]
     pipeline_tag = "text-generation"
+    predict_example = '--prompt "Hello, how are you?" --max-new-tokens 48'
     eval_pad_values = {"generated": GENERATED_PAD}
     data: GenerationData
     eval: GenerationEval
@@ -291,7 +295,7 @@ class GenerationTask(Task):
             prompts = [batch["input_ids"][i, :prompt_length[i]].tolist() for i in rows]
             results = generate_batched(model, self.tokenizer, prompts, max_new_tokens=e.max_new_tokens,
                                        batch_size=len(rows), do_sample=e.do_sample, temperature=e.temperature,
-                                       top_p=e.top_p)
+                                       top_p=e.top_p, repetition_penalty=e.repetition_penalty)
             width = max(1, max(len(r.token_ids) for r in results))
             generated = torch.full((len(generate), width), GENERATED_PAD, dtype=torch.long, device=nll.device)
             for i, result in zip(rows, results):
@@ -365,6 +369,21 @@ class GenerationTask(Task):
                       f"  generated: {row['generation']}{stop}", ""]
         return lines
 
+    @classmethod
+    def worst_predictions(cls, rows: list[dict[str, Any]], count: int) -> tuple[str, list[dict[str, Any]]]:
+        """Generations furthest from their reference (lowest ROUGE-L F1, the metric of the run); without any
+        generation (``eval.generate_samples=0``), the rows of highest loss."""
+        generated = [row for row in rows if isinstance(row.get("generation"), str)]
+        if not generated:
+            return super().worst_predictions(rows, count)
+        from rouge_score import rouge_scorer
+
+        scorer = rouge_scorer.RougeScorer(["rougeL"])
+        scored = [{**row, "rougeL": round(scorer.score(str(row["reference"]), row["generation"])["rougeL"].fmeasure, 4)}
+                  for row in generated]
+        worst = sorted(scored, key=lambda row: (row["rougeL"], -float(row.get("loss", 0))))[:count]
+        return f"generations furthest from the reference, lowest ROUGE-L first (of {len(generated)} generated)", worst
+
     # --- inference -------------------------------------------------------------------------------
     def predict(self, model: torch.nn.Module, inputs: list[dict[str, Any]],
                 stream: TextIO | None = None) -> list[dict[str, Any]]:
@@ -393,7 +412,7 @@ class GenerationTask(Task):
                 ids = ids[-d.max_length:]
             prompts.append(ids)
         options = {"max_new_tokens": e.max_new_tokens, "do_sample": e.do_sample, "temperature": e.temperature,
-                   "top_p": e.top_p}
+                   "top_p": e.top_p, "repetition_penalty": e.repetition_penalty}
         if stream is None:
             results = generate_batched(model, tokenizer, prompts, batch_size=e.batch_size, **options)
         else:
