@@ -107,8 +107,8 @@ h2 { font-size: 19px; margin: 0 0 10px; }
 section { background: #fff; border: 1px solid #dfe2e8; border-radius: 8px; padding: 16px 20px; margin: 16px 0; }
 .subtitle { color: #5a6270; margin: 0; }
 .facts { display: grid; grid-template-columns: repeat(auto-fill, minmax(230px, 1fr)); gap: 6px 18px; margin: 12px 0 0; }
-.facts div { white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
-.facts b { color: #5a6270; font-weight: 600; margin-right: 6px; }
+.facts div { overflow-wrap: anywhere; }
+.facts b { color: #5a6270; font-weight: 600; margin-right: 6px; white-space: nowrap; }
 table { border-collapse: collapse; margin: 6px 0; font-size: 14px; }
 th, td { border-bottom: 1px solid #e6e8ec; padding: 5px 10px; text-align: left; vertical-align: top; }
 th { background: #f0f2f5; font-weight: 600; }
@@ -367,10 +367,10 @@ def line_chart(title: str, series: list[tuple[str, list[tuple[float, float]], bo
     return "".join(svg)
 
 
-def bar_chart(title: str, bars: list[tuple[str, float]], width: int = 340, height: int = 190) -> str:
+def bar_chart(title: str, bars: list[tuple[str, float]], width: int = 340) -> str:
     """Horizontal bars from zero, one per (label, value)."""
-    left, right, top, row = 112, 58, 30, 36
-    height = max(height, top + row * len(bars) + 10)
+    left, right, top, row = 112, 58, 30, 32
+    height = max(101, top + row * len(bars) + 8)
     svg = [f'<svg class="chart" role="img" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
            f'xmlns="http://www.w3.org/2000/svg"><title>{_e(title)}</title>'
            f'<text x="10" y="18" font-weight="600">{_e(title)}</text>']
@@ -445,7 +445,7 @@ def _delta(value: Any, other: Any, name: str) -> str:
         return ""
     lower_is_better = name in ("loss", "perplexity") or name.endswith("_loss")
     better = (value < other) if lower_is_better else (value > other)
-    return f' <span class="{"better" if better else "worse"}">({value - other:+.4g})</span>'
+    return f' <span class="{"better" if better else "worse"}">({value - other:+.4f})</span>'
 
 
 def _is_number(value: Any) -> bool:

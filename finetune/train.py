@@ -342,13 +342,21 @@ class TrainingRun:
                 summary["before_training"] = json.loads(run.before_training.read_text(encoding="utf-8"))
             report.write_run(run, self.config, task, result, summary)
             prune_checkpoints(run, self.config.train.keep_checkpoints)  # after metrics.json: a finished run
-            report_page.write_report(run, task)
+            self._write_report_page()
             report.print_summary(task, summary)
             for line in task.preview(result.predictions):
                 print(line)
             report.print_next_steps(run, task)
         accelerator.end_training()
         return run.path
+
+    def _write_report_page(self) -> None:
+        """report.html; the run is finished already, so a failure here is a warning, not a failed run."""
+        try:
+            report_page.write_report(self.run, self.task)
+        except Exception as exc:  # noqa: BLE001 - the trained model must not be lost to a page
+            print(f"warning: {self.run.report.name} not written ({type(exc).__name__}: {exc}); "
+                  f"retry with: finetune report {self.run.path}")
 
     def elapsed_seconds(self) -> float:
         """Wall time of the run so far, over every segment of a resumed run."""

@@ -121,3 +121,21 @@ def test_the_end_of_a_run_shows_its_folder_and_next_commands(runs: dict) -> None
                     f"finetune report {run}", f"finetune push {run} --repo ORG/NAME"):
         assert command in printed
     assert re.search(r"accuracy\s+[\d.]+\s+baseline \(majority class", printed)
+
+
+def test_a_failed_run_resumed_after_the_fix_is_no_longer_failed(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The resume command `finetune runs` prints continues the run; its failure record goes once it runs again."""
+    from finetune.run_folder import RunFolder, write_failure
+
+    recipe, args = task_run_args("classification", tmp_path, **{"run.name": "flaky", "train.save_every_steps": 2})
+    env = {**os.environ, "PYTHONPATH": str(ROOT), FAULT_ENV: "kill-after-step:3"}
+    killed = subprocess.run([sys.executable, "-m", "finetune", "train", recipe, *args], env=env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    run = RunFolder(tmp_path / "runs" / "flaky")
+    write_failure(run, OSError("disk full"), step=3, elapsed_seconds=1.0, process=0)
+    (info,) = listed(run.path.parent, capsys)
+    assert info["status"] == "failed" and info["error"] == "OSError: disk full"
+    assert main(info["resume"].split()[1:]) == 0  # `finetune train RUN/config.yaml --resume auto`
+    (info,) = listed(run.path.parent, capsys)
+    assert info["status"] == "finished" and not run.failure.exists()
