@@ -139,3 +139,21 @@ def test_a_failed_run_resumed_after_the_fix_is_no_longer_failed(tmp_path: Path, 
     assert main(info["resume"].split()[1:]) == 0  # `finetune train RUN/config.yaml --resume auto`
     (info,) = listed(run.path.parent, capsys)
     assert info["status"] == "finished" and not run.failure.exists()
+
+
+def test_resume_without_a_name_picks_the_newest_unfinished_run_of_this_recipe_and_data(tmp_path: Path) -> None:
+    from finetune.recipes import RECIPES_DIR, load_config
+    from finetune.run_folder import data_name, default_run_name
+    from finetune.train import latest_unfinished_run
+
+    data = load_config(RECIPES_DIR / "translate.yaml").data
+    assert data_name(data) == "bible-en-es"
+    assert re.fullmatch(r"translate-bible-en-es-\d{8}-\d{6}", default_run_name("translate", data))
+    for name in ("translate-bible-en-es-20260101-090000", "translate-bible-en-es-20260301-090000",
+                 "translate-20260201-090000",  # named before the data was part of the name
+                 "translate-seq2seq-bible-en-es-20260401-090000",  # another recipe sharing the prefix
+                 "translate-other-20260501-090000", "translate-bible-en-es-20260601-090000"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.yaml").write_text("run: {task: translation}\n", encoding="utf-8")
+    (tmp_path / "translate-bible-en-es-20260601-090000" / "metrics.json").write_text("{}")  # finished
+    assert latest_unfinished_run(tmp_path, "translate", data) == "translate-bible-en-es-20260301-090000"
