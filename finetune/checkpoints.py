@@ -5,6 +5,12 @@ A checkpoint is ``RunFolder.checkpoint(step)`` (``checkpoints/step-NNNNNNNN/``):
 state file (step, epoch, batches of the epoch already consumed, best metric, patience). It is written into
 ``step-N.tmp`` and renamed when complete, so a folder without ``.tmp`` and with its state file is whole;
 anything else is ignored.
+
+A model with frozen weights (LoRA) is checkpointed by its trainable weights only
+(:func:`checkpoint_trainable_only`): the frozen base is the pretrained checkpoint, reloaded by the resumed run
+anyway, and for SmolLM2 it would be 500 MB per checkpoint. While training, the newest
+max(``train.keep_checkpoints``, 2) checkpoints are kept; a finished run keeps ``train.keep_checkpoints``
+(:func:`prune_checkpoints`).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
 from finetune.errors import FinetuneError
-from finetune.run_folder import CHECKPOINT_STATE, RunFolder
+from finetune.run_folder import CHECKPOINT_STATE, TRAINABLE_WEIGHTS, RunFolder
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +52,8 @@ class TrainerState:
     last_eval_step: int = -1
     skipped_batches: int = 0
     """Micro-batches skipped for a non-finite loss (``train.on_nonfinite_loss: skip``)."""
+    elapsed_seconds: float = 0.0
+    """Wall time of the run up to this checkpoint (what ``finetune runs`` shows for a stopped run)."""
 
     def improves(self, value: float, higher_is_better: bool) -> bool:
         """Whether a validation metric ``value`` beats the best so far."""
@@ -60,8 +68,39 @@ def inject_fault(point: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+KEPT_WHILE_TRAINING = 2
+"""At least this many checkpoints stay while a run trains: resuming falls back past a damaged newest one."""
+
+
+def checkpoint_trainable_only(accelerator: Accelerator) -> None:
+    """Make ``save_state`` / ``load_state`` write and read only the trainable weights of a model that has frozen
+    ones (LoRA), as ``trainable.safetensors``; optimizer, scheduler and RNG states are saved as before.
+
+    Through accelerate's state hooks: the model's entry is taken out of what accelerate saves or loads (FSDP and
+    DeepSpeed save their models themselves and are left alone). A checkpoint holding a whole model (written
+    before this existed) still loads through accelerate."""
+
+    def save(models: list[torch.nn.Module], weights: list[dict[str, torch.Tensor]], folder: str) -> None:
+        if len(models) != 1 or len(weights) != 1 or not _has_frozen_weights(models[0]):
+            return
+        weights.pop()
+        if accelerator.is_main_process:
+            save_trainable(accelerator.unwrap_model(models[0]), Path(folder) / TRAINABLE_WEIGHTS)
+
+    def load(models: list[torch.nn.Module], folder: str) -> None:
+        if len(models) == 1 and (Path(folder) / TRAINABLE_WEIGHTS).is_file():
+            load_trainable(accelerator.unwrap_model(models.pop()), Path(folder) / TRAINABLE_WEIGHTS)
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)
+
+
+def _has_frozen_weights(model: torch.nn.Module) -> bool:
+    return any(not p.requires_grad for p in model.parameters())
+
+
 def save_checkpoint(accelerator: Accelerator, run: RunFolder, state: TrainerState, keep: int) -> Path:
-    """Write a resumable checkpoint atomically and keep only the newest ``keep``."""
+    """Write a resumable checkpoint atomically and keep only the newest max(``keep``, 2)."""
     final = run.checkpoint(state.global_step)
     tmp = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process:
@@ -78,10 +117,23 @@ def save_checkpoint(accelerator: Accelerator, run: RunFolder, state: TrainerStat
         if final.exists():
             _remove(final)
         os.replace(tmp, final)
-        for old in complete_checkpoints(run)[:-keep]:
+        for old in complete_checkpoints(run)[:-max(keep, KEPT_WHILE_TRAINING)]:
             _remove(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def prune_checkpoints(run: RunFolder, keep: int) -> None:
+    """After a clean finish: keep the newest ``keep`` whole checkpoints, remove the rest (and any half-written
+    one); with none left, the checkpoints folder goes too."""
+    whole = complete_checkpoints(run)
+    for old in whole[:len(whole) - keep] + incomplete_checkpoints(run):
+        if old.is_dir():
+            _remove(old)
+        else:
+            old.unlink()
+    if run.checkpoints.is_dir() and not any(run.checkpoints.iterdir()):
+        run.checkpoints.rmdir()
 
 
 def _remove(folder: Path) -> None:
@@ -93,11 +145,7 @@ def _remove(folder: Path) -> None:
 
 def complete_checkpoints(run: RunFolder) -> list[Path]:
     """Whole checkpoints, oldest first."""
-    folder = run.checkpoints
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step-") and "." not in p.name
-                  and (p / CHECKPOINT_STATE).is_file())
+    return run.complete_checkpoints()
 
 
 def incomplete_checkpoints(run: RunFolder) -> list[Path]:

@@ -1,4 +1,5 @@
-"""Command line: ``finetune train | eval | predict | push | merge | recipes`` (also ``python -m finetune``)."""
+"""Command line: ``finetune train | eval | predict | push | merge | recipes | runs | compare | report`` (also
+``python -m finetune``)."""
 
 from __future__ import annotations
 
@@ -92,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="write generated tokens to stderr as they come (default: when stderr is a terminal); "
                         "the JSON rows still go to stdout or --output")
+    g = p.add_argument_group("generation runs (they override the run's eval.* / data.system_prompt)")
+    g.add_argument("--max-new-tokens", type=int, metavar="N", help="cap on new tokens per answer")
+    g.add_argument("--temperature", type=float, metavar="T", help="sample at this temperature (0: greedy)")
+    g.add_argument("--top-p", type=float, metavar="P", help="sample from the smallest token set of probability P")
+    g.add_argument("--repetition-penalty", type=float, metavar="R", help="above 1, repeated tokens are less likely")
+    g.add_argument("--system", metavar="TEXT", help="system prompt put before each prompt (chat models)")
     p.set_defaults(handler=cmd_predict)
 
     p = sub.add_parser("push", parents=[common], help="upload a finished run to the Hugging Face Hub",
@@ -120,6 +127,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("recipes", parents=[common], help="list the shipped recipes")
     p.set_defaults(handler=cmd_recipes)
+
+    p = sub.add_parser("runs", parents=[common], help="list the runs of a folder: finished, stopped, failed",
+                       description="A table of the runs in DIR (default: runs): task, model, data, headline test "
+                                   "metric beside its baseline, steps, wall time, size on disk and status, with the "
+                                   "command that resumes a stopped or failed run.")
+    p.add_argument("dir", nargs="?", type=Path, default=Path("runs"), metavar="DIR")
+    p.add_argument("--sort", default="time", help="time (default), name, status, task, model, data, metric, wall "
+                                                  "or size")
+    p.add_argument("--reverse", action="store_true", help="sort in descending order")
+    p.add_argument("--json", action="store_true", help="one JSON list, for scripts")
+    p.set_defaults(handler=cmd_runs)
+
+    p = sub.add_parser("compare", parents=[common], help="compare runs: metrics side by side, config differences")
+    p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN", help="two or more run folders")
+    p.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+    p.set_defaults(handler=cmd_compare)
+
+    p = sub.add_parser("report", parents=[common], help="write a finished run's report.html",
+                       description="Write report.html into the run folder: one self-contained page (no network) "
+                                   "with curves, metrics beside baselines, per-class results, the worst errors, the "
+                                   "data, the config and the environment. Training writes it too.")
+    p.add_argument("run_dir", type=Path, metavar="RUN", help="a finished run folder")
+    p.set_defaults(handler=cmd_report)
     return parser
 
 
@@ -168,7 +198,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     inputs = read_inputs(args)
     if args.output is not None:
         check_writable(args.output, "--output")
-    run = load_run(args.run_dir, args.overrides, revision=args.revision)
+    run = load_run(args.run_dir, [*args.overrides, *generation_overrides(args)], revision=args.revision)
     stream = sys.stderr if args.stream or (args.stream is None and sys.stderr.isatty()) else None
     predictions = run.task.predict(run.model, inputs, stream=stream)
     out = args.output.open("w", encoding="utf-8") if args.output else sys.stdout
@@ -187,6 +217,24 @@ def check_writable(path: Path, option: str) -> None:
         raise ConfigError(f"{option} {path} is a folder; give a file name")
     if not path.parent.is_dir():
         raise ConfigError(f"{option} {path}: the folder {path.parent} does not exist")
+
+
+def generation_overrides(args: argparse.Namespace) -> list[str]:
+    """``--max-new-tokens`` and friends as ``key=value`` overrides of the run's config (values quoted as YAML
+    strings where text). ``--temperature`` or ``--top-p`` turn sampling on; ``--temperature 0`` is greedy."""
+    overrides = []
+    if args.max_new_tokens is not None:
+        overrides.append(f"eval.max_new_tokens={args.max_new_tokens}")
+    if args.temperature is not None:
+        overrides += ["eval.do_sample=false"] if args.temperature == 0 else \
+            [f"eval.temperature={args.temperature}", "eval.do_sample=true"]
+    if args.top_p is not None:
+        overrides += [f"eval.top_p={args.top_p}"] + ([] if args.temperature == 0 else ["eval.do_sample=true"])
+    if args.repetition_penalty is not None:
+        overrides.append(f"eval.repetition_penalty={args.repetition_penalty}")
+    if args.system is not None:
+        overrides.append(f"data.system_prompt={json.dumps(args.system)}")
+    return overrides
 
 
 def read_inputs(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -236,7 +284,36 @@ def cmd_recipes(args: argparse.Namespace) -> int:
         about = first.lstrip("# ").strip() if first.startswith("#") else ""
         task = (raw.get("run") or {}).get("task", "?")
         model = (raw.get("model") or {}).get("name_or_path", "?")
-        print(f"{path.stem:<24} {task:<20} {model:<45} {about}")
+        source = (raw.get("data") or {}).get("source", "?")
+        print(f"{path.stem:<20} {task:<20} {model:<40} {source:<26} {about}")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from finetune.runs import format_runs, list_runs
+
+    infos = list_runs(args.dir, sort=args.sort, reverse=args.reverse)
+    print(json.dumps([asdict(i) for i in infos], indent=2) if args.json else format_runs(infos))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from finetune.runs import compare, format_comparison
+
+    comparison = compare(args.run_dirs)
+    print(json.dumps(comparison, indent=2) if args.json else format_comparison(comparison))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from finetune.report_page import write_report
+    from finetune.run_folder import RunFolder
+
+    if not args.run_dir.is_dir():
+        raise ConfigError(f"run folder not found: {args.run_dir}")
+    print(f"report written to {write_report(RunFolder(args.run_dir))}")
     return 0
 
 

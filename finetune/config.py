@@ -40,7 +40,7 @@ class RunConfig:
     task: str = "classification"
     """Task name from the registry in ``finetune.tasks``."""
     name: str | None = None
-    """Run folder name under ``output_dir``; default ``<recipe>-<timestamp>``."""
+    """Run folder name under ``output_dir``; default ``<recipe>-<data name>-<timestamp>``."""
     output_dir: str = "runs"
     seed: int = 42
     """Seeds every random draw (splits, initialisation, dropout, batch order); 0 to 2**32 - 1."""
@@ -110,6 +110,14 @@ class DataConfig:
         if self.source == "files":
             check(self.train_file is not None or self.test_file is not None, "data.train_file",
                   "a file path when data.source is 'files'", self.train_file)
+        else:
+            # Files are read only with source 'files': silently training on the built-in or Hub data while the
+            # user named a file would be worse than stopping.
+            for key in ("train_file", "validation_file", "test_file"):
+                if getattr(self, key) is not None:
+                    raise ConfigError(f"config key 'data.{key}' is set ({getattr(self, key)!r}) but data.source is "
+                                      f"{self.source!r}, which does not read files; add data.source=files to train "
+                                      f"on your files, or drop data.{key}")
 
 
 @dataclass
@@ -152,7 +160,9 @@ class TrainConfig:
     """Evaluate on validation every N optimizer steps (and at each epoch end)."""
     save_every_steps: int | None = None
     """Write a resumable checkpoint every N optimizer steps (and at each epoch end)."""
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 0
+    """Resumable checkpoints a finished run keeps (the newest N; the best weights stay in ``best/`` anyway). While
+    training, the newest max(N, 2) are kept, so that resuming can fall back past a damaged newest one."""
     metric_for_best: str = "loss"
     """Validation metric that picks the best checkpoint (``loss`` or a task metric)."""
     early_stopping_patience: int | None = None
@@ -198,7 +208,7 @@ class TrainConfig:
         for key in ("eval_every_steps", "save_every_steps", "early_stopping_patience"):
             value = getattr(self, key)
             check(value is None or value > 0, f"train.{key}", "a positive integer or null", value)
-        check(self.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1", self.keep_checkpoints)
+        check(self.keep_checkpoints >= 0, "train.keep_checkpoints", ">= 0", self.keep_checkpoints)
         check(self.log_every_steps > 0, "train.log_every_steps", "> 0", self.log_every_steps)
         check(self.pad_to_multiple_of is None or self.pad_to_multiple_of > 0, "train.pad_to_multiple_of",
               "> 0 or null", self.pad_to_multiple_of)

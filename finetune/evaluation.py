@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from finetune.accelerator import make_accelerator
 from finetune.batching import INDEX, eval_dataloader
 from finetune.data import load_raw, load_splits
+from finetune.speed import apply_speed_options
 from finetune.tasks.base import Task
 
 
@@ -66,7 +67,12 @@ def _concatenate(parts: list[np.ndarray], pad_value: float) -> np.ndarray:
 
 def evaluate_run(run: Any, split: str = "test", file: Path | None = None) -> EvalResult:
     """Evaluate a loaded run (``finetune.trained_run.TrainedRun``) on one of its held-out splits, rebuilt
-    exactly as in training (same seed, same caps), or on a labelled file."""
+    exactly as in training (same seed, same caps), or on a labelled file.
+
+    The test split gives ``metrics.json``'s test metrics exactly on the machine that trained the run: the same
+    examples in the same batches (``eval.batch_size``, sorted by length), the same mixed precision and the same
+    speed options (kernels). Elsewhere (another CPU or GPU, another thread count) matrix sums may be
+    reduced in another order, so losses can differ in the last digits."""
     config, task = run.config, run.task
     if file is not None:
         # The same task, with the file as its data source: messages about a row name the file.
@@ -78,5 +84,9 @@ def evaluate_run(run: Any, split: str = "test", file: Path | None = None) -> Eva
         examples = load_splits(task, config)[split]
     features = task.features(examples, split)
     accelerator = make_accelerator(config.train.mixed_precision)
+    # The same kernels as the evaluation at the end of training: under bf16 the fused LoRA layers round
+    # differently from peft's own (4th decimal of the loss); the other options leave evaluation unchanged.
+    apply_speed_options(run.model, config.train, config.lora.method, accelerator.mixed_precision,
+                        on_gpu=accelerator.device.type == "cuda")
     model, dataloader = accelerator.prepare(run.model, eval_dataloader(task, features, config.eval.batch_size))
     return evaluate(task, model, dataloader, accelerator, examples, features, split=str(file or split))

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.config import Config
-from finetune.run_folder import RunFolder
+from finetune.run_folder import ADAPTER_CONFIG, RunFolder
 
 
 def flatten(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -56,10 +56,17 @@ def truncate_log(path: Path, step: int) -> None:
 
 
 def write_run(run: RunFolder, config: Config, task: Any, result: Any, summary: dict[str, Any]) -> None:
-    """Predictions, curve, model card, and last ``metrics.json`` (its presence marks a finished run)."""
+    """Predictions, curve, model card (in the run folder and in the weights folder, whose adapter config then
+    names the base by its Hub id), and last ``metrics.json`` (its presence marks a finished run)."""
     write_predictions(run.predictions, result.predictions)
     plot_curves(read_log(run.log), run.curves, config.train.metric_for_best)
-    run.card.write_text(model_card(config, task, summary, read_source(run)), encoding="utf-8")
+    source = read_source(run)
+    run.card.write_text(model_card(config, task, summary, source, report_page=run.report.name), encoding="utf-8")
+    weights = run.weights_for(config.lora.method)
+    if weights.is_dir():  # peft wrote its empty template there
+        card = model_card(config, task, summary, source, report_page=f"../{run.report.name}")
+        (weights / run.card.name).write_text(card, encoding="utf-8")
+        record_base_model(weights, config, source)
     tmp = run.metrics.with_name(run.metrics.name + ".tmp")
     tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, run.metrics)
@@ -103,11 +110,12 @@ def plot_curves(records: list[dict[str, Any]], path: Path, metric: str) -> None:
 
 
 def model_card(config: Config, task: Any, summary: dict[str, Any], source: dict[str, Any] | None = None,
-               repo_id: str | None = None) -> str:
+               repo_id: str | None = None, report_page: str | None = None) -> str:
     """The model card (README.md): YAML metadata with a ``model-index`` of the held-out test metrics, then
     what was trained, on what, how good it is and how to load it. ``source``: the run's ``source.json``
     (where the base weights came from). The run folder's card and the card ``finetune push`` uploads
-    come from here; the pushed one names its Hub repo in the loading code."""
+    come from here; the pushed one names its Hub repo in the loading code. ``report_page``: the relative link
+    to the run's ``report.html`` (the page holds held-out examples, so it is not pushed and not linked there)."""
     from huggingface_hub import EvalResult, ModelCardData
 
     test = summary["test"]
@@ -160,7 +168,7 @@ Source: {dataset_name}; train {sizes['train']}, validation {sizes['validation']}
 
 Best checkpoint at step {summary['best_step']} of {summary['global_step']}
 (validation {config.train.metric_for_best} = {_fmt(summary['best_validation'][config.train.metric_for_best])}).
-
+{_report_line(report_page)}
 ## Training
 {config.train.epochs} epoch(s) or {config.train.max_steps or '-'} steps, batch {config.train.batch_size} x
 {config.train.gradient_accumulation_steps} accumulation, learning rate {config.train.learning_rate}
@@ -172,6 +180,13 @@ The full resolved configuration is in `config.yaml`.
 """
 
 
+def _report_line(link: str | None) -> str:
+    if not link:
+        return ""
+    return (f"\nThe curves, every metric beside the baselines, per-class results and the worst errors are on the "
+            f"run's report page: [report.html]({link}).\n")
+
+
 def card_base_model(config: Config, source: dict[str, Any] | None = None) -> str | None:
     """The Hub id of the base model, or None when it was a local folder (the Hub's ``base_model``
     metadata only accepts model ids). ``source`` (``source.json``) says where the weights came from;
@@ -181,6 +196,24 @@ def card_base_model(config: Config, source: dict[str, Any] | None = None) -> str
     name = config.model.name_or_path
     local = source["source"] == "local" if source else looks_like_path(name) or Path(name).expanduser().exists()
     return None if local else OFFLINE_ALIASES.get(name, name)
+
+
+def record_base_model(weights: Path, config: Config, source: dict[str, Any] | None) -> None:
+    """Make a saved adapter name its base by the Hub id the run was made from (and the revision, when the Hub
+    provided the weights) instead of the path peft recorded (a package in site-packages, a cache folder), so that
+    the adapter loads anywhere (``AutoPeftModel*``, the Hub's model tree). A local base keeps its path."""
+    path = weights / ADAPTER_CONFIG
+    hub_id = card_base_model(config, source)
+    if not path.is_file() or hub_id is None:
+        return
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data["base_model_name_or_path"] = hub_id
+    revision = (source or {}).get("revision") if (source or {}).get("source") == "hub" else None
+    if revision:
+        data["revision"] = revision
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def read_source(run: RunFolder) -> dict[str, Any] | None:
@@ -258,7 +291,7 @@ def _fmt(value: Any) -> str:
 
 def print_summary(task: Any, summary: dict[str, Any]) -> None:
     """The lines a user reads at the end of a run: test metrics beside the baseline and, when
-    ``eval.before_training`` ran, beside the base model's."""
+    ``eval.before_training`` ran, beside the base model's, and the warnings of the run."""
     test, baseline = summary["test"], summary.get("baseline") or {}
     before = summary.get("before_training") or {}
     print("\ntest results (best checkpoint, held-out test split):")
@@ -270,3 +303,38 @@ def print_summary(task: Any, summary: dict[str, Any]) -> None:
             if name in baseline:
                 line += f"    baseline ({baseline['name']}): {baseline[name]:.4f}"
             print(line)
+    for warning in summary.get("warnings") or []:
+        print(f"  warning: {warning}")
+
+
+def print_next_steps(run: RunFolder, task: Any) -> None:
+    """The last lines of a run: where it is, and the commands that come next with its real path."""
+    print(f"\nrun folder: {run.path}")
+    print(f"report:     {run.report}")
+    print("next:")
+    print(f"  finetune eval {run.path}")
+    print(f"  finetune predict {run.path} {task.predict_example}")
+    print(f"  finetune report {run.path}")
+    print(f"  finetune runs {run.path.parent}")
+    print(f"  finetune push {run.path} --repo ORG/NAME")
+
+
+def environment(accelerator: Any, mixed_precision: str) -> dict[str, Any]:
+    """What the run ran on and with (``metrics.json``'s ``environment``): versions, device, processes, precision."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    versions = {}
+    for package in ("finetune", "torch", "transformers", "peft", "accelerate", "datasets", "evaluate"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = None
+    device = accelerator.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or
+                                                                              platform.machine())
+    return {"python": platform.python_version(), "platform": platform.platform(terse=True), **versions,
+            "device": f"{device.type}: {name}", "processes": accelerator.num_processes,
+            "mixed_precision": mixed_precision, "cpu_threads": torch.get_num_threads()}

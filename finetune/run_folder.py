@@ -1,15 +1,19 @@
 """The run folder: the one place that names its files, and the rules for creating one.
 
-    runs/<name>/
+    runs/<recipe>-<data>-<time>/   (or run.name)
         config.yaml             the resolved config (``finetune train config.yaml`` repeats the run)
         source.json             where the base checkpoint came from
         train_log.jsonl         one record per logging step and per validation
         before_training.json    test metrics of the untouched base model (eval.before_training)
-        checkpoints/step-N/     resumable checkpoints (accelerate state + trainer_state.json)
+        checkpoints/step-N/     resumable checkpoints (accelerate state + trainer_state.json; with a frozen base,
+                                trainable.safetensors instead of the whole model); a finished run keeps
+                                train.keep_checkpoints of them (none by default)
         best/trainable.safetensors   the best trainable weights so far
         adapter/ or model/      the trained weights, tokenizer and task.json (what the task learned)
         predictions_test.jsonl  one prediction per test example
         curves.png, README.md   training curves; the model card
+        report.html             one self-contained page to look at the run (``finetune.report_page``)
+        failure.json            only when an error ended the run
         metrics.json            written last: its presence marks a finished run
 
 A run pushed to the Hub keeps the weights folder's files at the repo root (see ``finetune.hub``), so the
@@ -22,6 +26,7 @@ import datetime
 import fcntl
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -30,6 +35,7 @@ from typing import Any, TextIO
 
 import yaml
 
+from finetune.config import DataConfig
 from finetune.errors import RunFolderError
 
 TASK_FILE = "task.json"
@@ -38,6 +44,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 MODEL_CONFIG = "config.json"
 CHECKPOINT_STATE = "trainer_state.json"
 """In a checkpoint folder, written last: step, epoch, position in the epoch, best metric."""
+TRAINABLE_WEIGHTS = "trainable.safetensors"
+"""The trainable weights only (LoRA + head): in ``best/``, and in the checkpoints of a run with a frozen base."""
 
 
 class RunFolder:
@@ -66,7 +74,7 @@ class RunFolder:
     model = property(lambda self: self.path / "model")
     """Full fine-tuning runs: the whole model, tokenizer and task file."""
     checkpoints = property(lambda self: self.path / "checkpoints")
-    best_weights = property(lambda self: self.path / "best" / "trainable.safetensors")
+    best_weights = property(lambda self: self.path / "best" / TRAINABLE_WEIGHTS)
     tracker_logs = property(lambda self: self.path / "logs")
     lock_file = property(lambda self: self.path / ".lock")
     """Held (``flock``) by the process that trains into the folder; says who holds it."""
@@ -79,9 +87,20 @@ class RunFolder:
             if isinstance(path, Path) and self.path in path.parents:
                 names.add(path.relative_to(self.path).parts[0])
         return names
+    report = property(lambda self: self.path / "report.html")
+    """One self-contained page: curves, metrics beside baselines, per-class results, the worst errors, config."""
+    failure = property(lambda self: self.path / "failure.json")
+    """Written when an error ends the run (what failed, at which step, how to resume); gone once it resumes."""
 
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / f"step-{step:08d}"
+
+    def complete_checkpoints(self) -> list[Path]:
+        """Whole checkpoints (renamed into place, with their state file), oldest first."""
+        if not self.checkpoints.is_dir():
+            return []
+        return sorted(p for p in self.checkpoints.iterdir() if p.is_dir() and p.name.startswith("step-")
+                      and "." not in p.name and (p / CHECKPOINT_STATE).is_file())
 
     def weights_for(self, method: str) -> Path:
         """Where a run of this ``lora.method`` writes its weights."""
@@ -204,8 +223,49 @@ class RunLock:
             self.handle.close()
 
 
-def default_run_name(recipe_name: str) -> str:
-    return f"{recipe_name}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+def default_run_name(recipe_name: str, data: DataConfig) -> str:
+    """``<recipe>-<data name>-<time>``: a folder says what it holds, and names sort by time within a recipe+data."""
+    return f"{recipe_name}-{data_name(data)}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def data_name(data: DataConfig) -> str:
+    """A short name of a run's data for folder names: the built-in set, the training file's stem, or the Hub
+    dataset's name (with its configuration)."""
+    if data.source == "files":
+        file = data.train_file or data.test_file or "files"
+        name = Path(file).stem
+    elif data.source.startswith("builtin:"):
+        name = data.source.removeprefix("builtin:")
+    else:
+        name = data.source.rsplit("/", 1)[-1] + (f"-{data.hub_config}" if data.hub_config else "")
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")[:40] or "data"
+
+
+def write_failure(run: RunFolder, exc: BaseException, step: int, elapsed_seconds: float, process: int) -> None:
+    """``failure.json``: the error that ended a run, where, and how to resume once its cause is fixed."""
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    record = {"error": message[:500], "type": type(exc).__name__, "step": step, "process": process,
+              "elapsed_seconds": elapsed_seconds, "time": datetime.datetime.now().isoformat(timespec="seconds"),
+              "resume": resume_command(run)}
+    if run.path.is_dir():
+        tmp = run.failure.with_name(f"{run.failure.name}.tmp{process}")
+        tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, run.failure)
+
+
+def read_failure(run: RunFolder) -> dict[str, Any] | None:
+    try:
+        return json.loads(run.failure.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def clear_failure(run: RunFolder) -> None:
+    run.failure.unlink(missing_ok=True)
+
+
+def resume_command(run: RunFolder) -> str:
+    return f"finetune train {run.config} --resume auto"
 
 
 def is_adapter(folder: Path) -> bool:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 import signal
 import time
 from contextlib import contextmanager
@@ -31,18 +32,19 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broa
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from finetune import report
+from finetune import report, report_page
 from finetune.accelerator import make_accelerator, process_group, resolve_mixed_precision
 from finetune.batching import eval_dataloader, train_dataloader
-from finetune.checkpoints import (GracefulStop, TrainerState, TrainingInterrupted, check_checkpoint, inject_fault,
-                                  load_checkpoint, load_trainable, save_checkpoint, save_trainable)
-from finetune.config import Config, TrainConfig, dump_config
+from finetune.checkpoints import (GracefulStop, TrainerState, TrainingInterrupted, check_checkpoint,
+                                  checkpoint_trainable_only, inject_fault, load_checkpoint, load_trainable,
+                                  prune_checkpoints, save_checkpoint, save_trainable)
+from finetune.config import Config, DataConfig, TrainConfig, dump_config
 from finetune.data import load_raw, load_splits, shared_inputs
 from finetune.errors import FinetuneError
 from finetune.evaluation import EvalResult, evaluate
 from finetune.models import apply_lora, check_length_fits, count_parameters, resolve_checkpoint, write_source
 from finetune.recipes import load_config
-from finetune.run_folder import RunFolder, RunLock, default_run_name
+from finetune.run_folder import RunFolder, RunLock, clear_failure, data_name, default_run_name, write_failure
 from finetune.speed import apply_speed_options, enable_tf32, make_adamw
 from finetune.tasks import Task, new_task
 
@@ -54,6 +56,11 @@ def train(config: Config, recipe_name: str, overwrite: bool = False, resume: str
         run.setup(overwrite=overwrite, resume=resume)
         run.fit()
         return run.finish()
+    except TrainingInterrupted:
+        raise  # stopped on request, with a checkpoint: resumable, not failed
+    except Exception as exc:
+        run.record_failure(exc)
+        raise
     finally:
         run.cleanup()
 
@@ -69,6 +76,11 @@ class TrainingRun:
         self.state = TrainerState()
         self.lock: RunLock | None = None
         """The main process's hold on the run folder, from setup to cleanup."""
+        self.opened = False
+        """Whether this run made (or took over) its run folder: only then is a failure recorded there."""
+        self.started = time.perf_counter()
+        self.elapsed_before = 0.0
+        """Wall seconds of the earlier segments of a resumed run (up to the checkpoint it resumed from)."""
 
     # --- setup -----------------------------------------------------------------------------------------
     def setup(self, overwrite: bool = False, resume: str | None = None) -> None:
@@ -84,8 +96,8 @@ class TrainingRun:
         config = self.config
         processes = process_group()
         if resume is not None and config.run.name is None:
-            config.run.name = latest_unfinished_run(Path(config.run.output_dir), self.recipe_name)
-        name = [config.run.name or default_run_name(self.recipe_name)]
+            config.run.name = latest_unfinished_run(Path(config.run.output_dir), self.recipe_name, config.data)
+        name = [config.run.name or default_run_name(self.recipe_name, config.data)]
         broadcast_object_list(name)
         config.run.name = name[0]
         self.run = RunFolder(Path(config.run.output_dir) / config.run.name)
@@ -96,6 +108,8 @@ class TrainingRun:
             if resume is not None:
                 check_same_config(self.run.config, config)
             dump_config(config, self.run.config)
+            clear_failure(self.run)  # a failed run resumed after its cause was fixed
+        self.opened = True
         processes.wait_for_everyone()
 
     def _start_accelerator(self) -> None:
@@ -137,6 +151,9 @@ class TrainingRun:
             accelerator.print(f"note: {self.shared} of {len(self.splits['test'])} test examples have the same input as "
                               f"a training example (exact duplicates): their scores measure memory, not "
                               f"generalisation; deduplicate the data to remove them")
+        self.warnings = held_out_warnings(self.splits, self.features)
+        for warning in self.warnings:
+            accelerator.print(f"warning: {warning}")
 
     def _build_model(self) -> None:
         """The task's model, with LoRA unless the recipe asks for full fine-tuning, and the speed options."""
@@ -168,6 +185,7 @@ class TrainingRun:
                                   num_warmup_steps=int(t.warmup_ratio * self.schedule.max_steps) * accelerator.num_processes,
                                   num_training_steps=self.schedule.max_steps * accelerator.num_processes)
         self.scheduler = accelerator.prepare(scheduler)
+        checkpoint_trainable_only(accelerator)  # LoRA: checkpoints without the frozen base
         if t.trackers:
             accelerator.init_trackers(config.run.name, config=report.flatten(config.to_dict()))
 
@@ -176,6 +194,7 @@ class TrainingRun:
         accelerator, run, resumed_from = self.accelerator, self.run, None
         if resume is not None:
             self.state, resumed_from = load_checkpoint(accelerator, run, resume)
+            self.elapsed_before = self.state.elapsed_seconds
             if resumed_from is None:
                 accelerator.print("no complete checkpoint to resume from; starting from the beginning")
             else:
@@ -269,6 +288,7 @@ class TrainingRun:
             stopping = bool(accelerator.reduce(torch.tensor(int(stop.requested), device=accelerator.device),
                                                "max").item())
             if schedule.save_now(state.global_step, end_of_epoch, done) or stopping:
+                state.elapsed_seconds = self.elapsed_seconds()
                 saved = save_checkpoint(accelerator, self.run, state, self.config.train.keep_checkpoints)
                 if stopping:
                     self.progress.close()
@@ -338,9 +358,12 @@ class TrainingRun:
             if run.before_training.is_file():
                 summary["before_training"] = json.loads(run.before_training.read_text(encoding="utf-8"))
             report.write_run(run, self.config, task, result, summary)
+            prune_checkpoints(run, self.config.train.keep_checkpoints)  # after metrics.json: a finished run
+            self._write_report_page()
             report.print_summary(task, summary)
             for line in task.preview(result.predictions):
                 print(line)
+            report.print_next_steps(run, task)
         accelerator.end_training()
         return run.path
 
@@ -348,6 +371,24 @@ class TrainingRun:
         """Let go of the run folder (the lock), whether the run finished, failed or was stopped."""
         if self.lock is not None:
             self.lock.release()
+
+    def _write_report_page(self) -> None:
+        """report.html; the run is finished already, so a failure here is a warning, not a failed run."""
+        try:
+            report_page.write_report(self.run, self.task)
+        except Exception as exc:  # noqa: BLE001 - the trained model must not be lost to a page
+            print(f"warning: {self.run.report.name} not written ({type(exc).__name__}: {exc}); "
+                  f"retry with: finetune report {self.run.path}")
+
+    def elapsed_seconds(self) -> float:
+        """Wall time of the run so far, over every segment of a resumed run."""
+        return round(self.elapsed_before + time.perf_counter() - self.started, 1)
+
+    def record_failure(self, exc: BaseException) -> None:
+        """An error ended the run: say so in its folder (``finetune runs`` lists it as failed)."""
+        if self.opened:
+            write_failure(self.run, exc, self.state.global_step, self.elapsed_seconds(),
+                          getattr(getattr(self, "accelerator", None), "process_index", 0))
 
     def _summary(self, result: EvalResult, baseline: dict[str, Any]) -> dict[str, Any]:
         """The content of ``metrics.json`` (throughput and before-training results are added to it)."""
@@ -361,11 +402,33 @@ class TrainingRun:
             "skipped_batches": state.skipped_batches,
             "split_sizes": {name: len(split) for name, split in self.splits.items()},
             "test_inputs_seen_in_train": self.shared,
+            "warnings": self.warnings,
             "parameters": {"trainable": self.trainable, "total": self.total},
+            "headline_metric": self.task.headline_metrics[0],
+            "wall_seconds": self.elapsed_seconds(),
+            "environment": report.environment(self.accelerator, self.mixed_precision),
         }
 
 
 # --- policies and counters ----------------------------------------------------------------------------
+MIN_HELD_OUT_EXAMPLES = 20
+MIN_HELD_OUT_ROWS = 5
+"""Held-out splits smaller than this (examples, or evaluation rows such as blocks of plain text) are warned of."""
+
+
+def held_out_warnings(splits: datasets.DatasetDict, features: datasets.DatasetDict) -> list[str]:
+    """Warnings for validation and test splits too small for their numbers (and curves) to mean anything;
+    printed before training and kept in ``metrics.json``."""
+    warnings = []
+    for name, key in (("validation", "validation_size"), ("test", "test_size")):
+        examples, rows = len(splits[name]), len(features[name])
+        if examples < MIN_HELD_OUT_EXAMPLES or rows < MIN_HELD_OUT_ROWS:
+            warnings.append(f"the {name} split has only {examples} examples ({rows} evaluation rows): its metrics"
+                            f"{' and the validation curve' if name == 'validation' else ''} are mostly noise; give "
+                            f"more data, a data.{name}_file, or a larger data.{key}")
+    return warnings
+
+
 class Schedule:
     """How long the run is, and when it logs, validates, checkpoints and stops early."""
 
@@ -470,14 +533,17 @@ def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Op
     return make_adamw(groups, train.learning_rate, train.fused_optimizer)
 
 
-def latest_unfinished_run(output_dir: Path, recipe_name: str) -> str:
-    """The newest ``<recipe>-<timestamp>`` run folder that is not finished (what ``--resume`` continues
-    when no ``run.name`` is given)."""
-    candidates = sorted(p for p in output_dir.glob(f"{recipe_name}-*") if p.is_dir() and not RunFolder(p).is_finished())
+def latest_unfinished_run(output_dir: Path, recipe_name: str, data: DataConfig) -> str:
+    """The newest unfinished run folder of this recipe and data with a default name, ``<recipe>-<data>-<time>``
+    (or ``<recipe>-<time>``, as older runs were named): what ``--resume`` continues when no ``run.name`` is given."""
+    pattern = re.compile(rf"^{re.escape(recipe_name)}-(?:{re.escape(data_name(data))}-)?(\d{{8}}-\d{{6}})$")
+    candidates = sorted((match.group(1), p.name) for p in output_dir.glob(f"{recipe_name}-*")
+                        if (match := pattern.match(p.name)) and p.is_dir() and not RunFolder(p).is_finished())
     if not candidates:
-        raise FinetuneError(f"--resume: no unfinished {recipe_name}-* run in {output_dir}; name it with "
-                            f"run.name=NAME, or resume from its config: finetune train RUN/config.yaml --resume auto")
-    return candidates[-1].name
+        raise FinetuneError(f"--resume: no unfinished {recipe_name}-{data_name(data)}-* run in {output_dir}; name it "
+                            f"with run.name=NAME, or resume from its config: finetune train RUN/config.yaml --resume "
+                            f"auto")
+    return candidates[-1][1]
 
 
 def check_same_config(saved_path: Path, config: Config) -> None:

@@ -113,7 +113,7 @@ def test_the_config_core_imports_no_task_and_no_model_library() -> None:
 
 RUN_FILES = ("config.yaml", "metrics.json", "train_log.jsonl", "curves.png", "predictions_test.jsonl",
              "README.md", "source.json", "before_training.json", "task.json", "trainer_state.json",
-             "adapter_config.json", "trainable.safetensors")
+             "adapter_config.json", "trainable.safetensors", "report.html", "failure.json")
 
 
 def test_only_the_run_folder_module_spells_run_file_names() -> None:
@@ -169,7 +169,7 @@ def test_a_task_key_of_another_task_is_named_as_such() -> None:
 
 def test_each_shipped_recipe_builds_its_tasks_own_sections() -> None:
     for recipe in sorted(RECIPES_DIR.glob("*.yaml")):
-        config = load_config(recipe, ["data.train_file=your.txt"])
+        config = load_config(recipe, ["data.source=files", "data.train_file=your.txt"])
         task = TASKS[config.run.task]
         assert type(config.data) is task.Data and type(config.eval) is task.Eval, recipe.name
 

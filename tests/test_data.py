@@ -122,3 +122,45 @@ def test_builtin_tweet_sentiment_is_cached(tmp_path: Path) -> None:
     # The second load comes from the on-disk cache (memory-mapped arrow files).
     again = load_splits(bound_task(config), config)
     assert again["test"].cache_files and again["test"]["text"] == splits["test"]["text"]
+
+
+@pytest.mark.parametrize("source", ["builtin:chatterbot", "some-org/some-dataset"])
+@pytest.mark.parametrize("key", ["train_file", "validation_file", "test_file"])
+def test_a_file_key_with_a_builtin_or_hub_source_is_an_error_naming_both_keys(source: str, key: str) -> None:
+    """A file is read only with data.source=files; anything else would silently train on other data."""
+    from finetune.errors import ConfigError
+
+    with pytest.raises(ConfigError) as raised:
+        load_config(Path("recipes/generate-text.yaml").resolve(), [f"data.source={source}", f"data.{key}=story.txt"])
+    message = str(raised.value)
+    assert f"data.{key}" in message and "data.source" in message and source in message
+    assert "data.source=files" in message  # says what to do
+
+
+def test_the_readme_recipe_table_matches_the_recipes(capsys: pytest.CaptureFixture) -> None:
+    """Each row of the README's recipe table names the recipe's task, model and data source as the YAML has
+    them (the table once promised a .txt file for a recipe that trains on a built-in set)."""
+    import re
+
+    import yaml
+
+    from finetune.recipes import RECIPES_DIR
+
+    readme = (RECIPES_DIR.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("| recipe | task | model | data |", 1)[1].split("\n\n", 1)[0]
+    rows = re.findall(r"^\| `([\w-]+)` \| ([^|]+) \| ([^|]+) \| ([^|]+) \|$", section, flags=re.M)
+    table = {name: (task, model, data) for name, task, model, data in rows if (RECIPES_DIR / f"{name}.yaml").is_file()}
+    assert set(table) == {p.stem for p in RECIPES_DIR.glob("*.yaml")}
+    for name, (task, model, data) in table.items():
+        recipe = yaml.safe_load((RECIPES_DIR / f"{name}.yaml").read_text(encoding="utf-8"))
+        assert task.strip().startswith(recipe["run"]["task"]), name
+        assert recipe["model"]["name_or_path"] in model, name
+        assert f"`{recipe['data']['source']}`" in data, (name, data)
+    # `finetune recipes` prints the same task, model and source for each recipe.
+    from finetune.cli import main
+
+    assert main(["recipes"]) == 0
+    listed = {line.split()[0]: line.split()[1:4] for line in capsys.readouterr().out.splitlines() if line.strip()}
+    for name in table:
+        recipe = yaml.safe_load((RECIPES_DIR / f"{name}.yaml").read_text(encoding="utf-8"))
+        assert listed[name] == [recipe["run"]["task"], recipe["model"]["name_or_path"], recipe["data"]["source"]]

@@ -348,3 +348,34 @@ def test_plain_text_language_modelling(tmp_path, tiny_llama_dir):
     result = run_cli("predict", str(tmp_path / "text"), "--prompt", "once upon a", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["generation"]
+
+
+def test_plain_text_writes_one_prediction_row_per_test_block_and_warns_of_a_tiny_test_split(
+        tmp_path, tiny_llama_dir, capsys):
+    """Plain text is evaluated in blocks of data.max_length tokens: predictions_test.jsonl has one row per block
+    (its loss), and the first eval.generate_samples blocks also a continuation of their first half beside the
+    second half. A test split of a few lines gives meaningless numbers: the run says so."""
+    from finetune.train import train
+
+    lines = ["once upon a time there was a little cat who liked to sleep in the sun all day long."] * 40
+    text = tmp_path / "story.txt"
+    text.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    config = load_config(ROOT / "recipes" / "generate-text.yaml", [
+        f"model.name_or_path={tiny_llama_dir}", "data.source=files", f"data.train_file={text}",
+        "data.text_column=text", "data.max_length=16", "data.test_size=0.05", "data.validation_size=0.05",
+        "eval.generate_samples=2", "eval.max_new_tokens=8", "eval.before_training=false", "train.max_steps=2",
+        "train.mixed_precision=no", f"run.output_dir={tmp_path}", "run.name=text"])
+    run_dir = train(config, "generate-text")
+    out = capsys.readouterr().out
+    assert "warning: the test split has only 2 examples" in out
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert any("the test split has only 2 examples" in w for w in metrics["warnings"])
+    rows = [json.loads(line) for line in (run_dir / "predictions_test.jsonl").read_text().splitlines()]
+    assert rows, "predictions_test.jsonl is empty"
+    tokens = sum(row["tokens"] for row in rows)
+    assert tokens == metrics["test"]["target_tokens"]  # every evaluated block has its row
+    generated = [row for row in rows if "generation" in row]
+    assert len(generated) == min(2, len(rows))
+    for row in generated:
+        assert row["prompt"] and row["reference"] and isinstance(row["generation"], str)
+    assert all(isinstance(row["loss"], float) for row in rows)

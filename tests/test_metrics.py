@@ -21,6 +21,8 @@ def _f1(precision: float, recall: float) -> float:
 def fresh_cache(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test starts with an empty per-process cache, so it sees its own environment."""
     monkeypatch.setattr(metrics, "_LOADED", {})
+    monkeypatch.setattr(metrics, "_HUB_UNREACHABLE", False)
+    monkeypatch.setattr(metrics, "_SAID_LOCAL", False)
 
 
 @pytest.fixture
@@ -183,12 +185,27 @@ def test_falls_back_to_local_module_when_hub_unreachable(
     assert hub_attempts == ["accuracy"]
     assert metric_source("accuracy") == str(Path(metrics.__file__).parent / "accuracy" / "accuracy.py")
     assert accuracy.compute(predictions=[1, 1], references=[1, 0]) == {"accuracy": 0.5}
-    assert [r.getMessage() for r in caplog.records if r.name == "finetune.metrics"] == [
-        f"metric accuracy: local module {metric_source('accuracy')} (Hub unreachable: FileNotFoundError)"
-    ]
+    assert [r.getMessage() for r in caplog.records if r.name == "finetune.metrics" and r.levelno >= logging.INFO] \
+        == [metrics.HUB_UNREACHABLE_NOTICE]
 
+    # The Hub is not asked again in this process: each attempt costs ~1.5 s, and the answer is the same.
+    with caplog.at_level(logging.INFO, logger="finetune.metrics"):
+        load_metric("f1")
+    assert hub_attempts == ["accuracy"]
     with pytest.raises(ValueError, match=r"'bleu'.*local metrics: accuracy, chrf"):
         load_metric("bleu")
+
+
+def test_offline_says_once_that_local_modules_are_used(monkeypatch: pytest.MonkeyPatch,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """Offline is the normal state: one plain line for the whole process, not one per metric load."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with caplog.at_level(logging.INFO, logger="finetune.metrics"):
+        for name in ("accuracy", "f1", "precision", "recall"):
+            load_metric(name)
+    said = [r.getMessage() for r in caplog.records if r.name == "finetune.metrics" and r.levelno >= logging.INFO]
+    assert said == [metrics.OFFLINE_NOTICE]
+    assert "unreachable" not in said[0] and "Error" not in said[0]
 
 
 def test_hub_module_preferred_when_reachable(monkeypatch: pytest.MonkeyPatch) -> None:

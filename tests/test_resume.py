@@ -131,7 +131,7 @@ def test_resume_auto_falls_back_past_a_damaged_checkpoint(setup: dict, tiny_bert
     assert [p.name for p in checkpoints] == ["step-00000008", "step-00000010", "step-00000012"]
     # Simulate a half-written newest checkpoint (state file present, weights truncated) and a stray
     # folder without its state file.
-    weights = checkpoints[-1] / "model.safetensors"
+    weights = checkpoints[-1] / "trainable.safetensors"  # a LoRA run's checkpoint: the trainable weights only
     weights.write_bytes(weights.read_bytes()[:100])
     (run_dir / "checkpoints" / "step-00000013").mkdir()
     resumed = run_cli(args + ["--resume", "auto"])

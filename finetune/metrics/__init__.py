@@ -5,8 +5,9 @@ The `evaluate` wheel ships no metric scripts, so `evaluate.load("accuracy")` nee
 output keys, computed with scikit-learn, sacrebleu, rouge_score or the official SQuAD scripts' logic.
 
 Cost offline: when neither `HF_HUB_OFFLINE` nor `HF_EVALUATE_OFFLINE` is set, a Hub attempt that fails
-takes about 1.5 s per name (evaluate 0.4.6 then raises `FileNotFoundError`) before the local fallback;
-with either variable set, a local metric loads directly. Loaded modules are cached per name for the
+takes about 1.5 s (evaluate 0.4.6 then raises `FileNotFoundError`) before the local fallback; after one
+failure the process uses the local modules without asking again. With either variable set, a local metric
+loads directly. Which modules are used is said once per process, at INFO. Loaded modules are cached per name for the
 process, so that cost is paid once per name. `evaluate` itself is imported on the first load (~4 s).
 
 evaluate copies a local module to `$HF_MODULES_CACHE/evaluate_modules/metrics/<name>/<sha256>/` and
@@ -46,6 +47,13 @@ _TRUTHY = frozenset({"1", "true", "yes", "on"})
 
 # name -> (loaded module, source: "hub" or the local script's absolute path)
 _LOADED: dict[str, tuple[evaluate.EvaluationModule, str]] = {}
+# Offline is the normal state: say once per process, plainly, which modules are used (details at DEBUG).
+OFFLINE_NOTICE = "metrics: finetune's local metric modules (offline)"
+HUB_UNREACHABLE_NOTICE = ("metrics: the Hugging Face Hub is not reachable, so finetune's local metric modules are "
+                          "used (HF_HUB_OFFLINE=1 skips the attempt)")
+_SAID_LOCAL = False
+_HUB_UNREACHABLE = False
+"""Set after the first failed Hub attempt: later names go straight to the local modules (each attempt ~1.5 s)."""
 
 
 def _offline() -> bool:
@@ -65,12 +73,15 @@ def load_metric(name: str) -> evaluate.EvaluationModule:
     # Imported here: `import evaluate` takes ~4 s, which importing this package should not cost.
     import evaluate
 
+    global _HUB_UNREACHABLE
     if name in _LOADED:
         return _LOADED[name][0]
-    if name in LOCAL_METRICS and _offline():
-        source = _local_script(name)
-        module = evaluate.load(source)
-        logger.info("metric %s: local module %s (offline environment)", name, source)
+    if _offline() or _HUB_UNREACHABLE:
+        if name not in LOCAL_METRICS:
+            why = "offline" if _offline() else "the Hub is not reachable"
+            raise ValueError(f"metric {name!r} has no local module and {why}; local metrics: "
+                             f"{', '.join(LOCAL_METRICS)}")
+        module, source = _load_local(name, OFFLINE_NOTICE if _offline() else HUB_UNREACHABLE_NOTICE)
     else:
         try:
             module = evaluate.load(name)
@@ -84,11 +95,25 @@ def load_metric(name: str) -> evaluate.EvaluationModule:
                     f"metric {name!r} could not be loaded from the Hub ({err}) and has no local module; "
                     f"local metrics: {', '.join(LOCAL_METRICS)}"
                 ) from err
-            source = _local_script(name)
-            module = evaluate.load(source)
-            logger.info("metric %s: local module %s (Hub unreachable: %s)", name, source, type(err).__name__)
+            _HUB_UNREACHABLE = True
+            logger.debug("metric %s: Hub attempt failed: %s", name, err)
+            module, source = _load_local(name, HUB_UNREACHABLE_NOTICE)
     _LOADED[name] = (module, source)
     return module
+
+
+def _load_local(name: str, notice: str) -> tuple[evaluate.EvaluationModule, str]:
+    """The local module of ``name``; ``notice`` is said at INFO the first time in this process."""
+    import evaluate
+
+    global _SAID_LOCAL
+    source = _local_script(name)
+    module = evaluate.load(source)
+    if not _SAID_LOCAL:
+        logger.info(notice)
+        _SAID_LOCAL = True
+    logger.debug("metric %s: local module %s", name, source)
+    return module, source
 
 
 def metric_source(name: str) -> str:

@@ -17,7 +17,10 @@ The lifecycle, in the order the loop (``finetune.train``) and inference (``finet
 5. **features**: ``task.features(examples, split)``: tokenized features, with a ``length`` column.
 6. **collate** a list of features into a batch; **loss** of a batch (training).
 7. **evaluate**: ``begin_evaluation`` -> ``eval_step`` per batch -> ``compute_metrics`` on the gathered
-   outputs; ``baseline`` scores a no-training reference on the same test examples.
+   outputs; ``baseline`` scores a no-training reference on the same test examples. The prediction rows
+   become ``predictions_test.jsonl``; the report page picks the worst of them with the class method
+   ``worst_predictions`` (default: highest ``loss``), and shows what else the files hold by itself
+   (``per_class`` metrics as a table, rows with ``label`` and ``prediction`` as a confusion matrix).
 8. **predict** on raw user inputs (``finetune predict``).
 """
 
@@ -81,6 +84,8 @@ class Task:
     eval_pad_values: ClassVar[dict[str, float]] = {}
     """Value that pads each ``eval_step`` output of rank >= 2 across batches and processes (default 0)."""
     pipeline_tag: ClassVar[str] = ""
+    predict_example: ClassVar[str] = "--input inputs.jsonl"
+    """Arguments of an example ``finetune predict`` command, printed at the end of a run."""
 
     def __init__(self, config: Config):
         if not isinstance(config.data, self.Data) or not isinstance(config.eval, self.Eval):
@@ -185,6 +190,16 @@ class Task:
     def baseline(self, train: datasets.Dataset, test: datasets.Dataset) -> dict[str, Any]:
         """Metrics of a simple baseline that needs no training (fit on ``train`` if at all), on ``test``."""
         return {}
+
+    @classmethod
+    def worst_predictions(cls, rows: list[dict[str, Any]], count: int) -> tuple[str, list[dict[str, Any]]]:
+        """The report page's worst errors (``finetune.report_page``): up to ``count`` rows of the run's
+        ``predictions_test.jsonl``, worst first, as the fields to show (a per-row measure may be added), and a
+        line saying how they were picked. It reads the rows only (no model, no tokenizer), so the page can be
+        written for any finished run. Default: the rows with the highest ``loss``."""
+        scored = [row for row in rows if isinstance(row.get("loss"), (int, float))]
+        worst = sorted(scored, key=lambda row: -row["loss"])[:count]
+        return f"the {len(worst)} test rows with the highest loss, of {len(rows)}", worst
 
     def preview(self, predictions: list[dict[str, Any]]) -> list[str]:
         """Lines showing a few test predictions, printed at the end of a run (e.g. sample generations)."""

@@ -49,6 +49,7 @@ class ClassificationTask(Task):
     input_columns = ("text", "text_pair")
     stratify_column = "label"
     pipeline_tag = "text-classification"
+    predict_example = '--text "what a lovely day"'
     data: ClassificationData
 
     # --- learn -----------------------------------------------------------------------------------
@@ -181,6 +182,13 @@ class ClassificationTask(Task):
         scores = self._scores(np.full_like(references, majority), references)
         return {"name": f"majority class ({self.learned.labels[majority]})", "accuracy": scores["accuracy"],
                 "macro_f1": scores["macro_f1"]}
+
+    @classmethod
+    def worst_predictions(cls, rows: list[dict[str, Any]], count: int) -> tuple[str, list[dict[str, Any]]]:
+        """Wrong labels, the most confident first."""
+        wrong = [row for row in rows if row.get("prediction") != row.get("label")]
+        worst = sorted(wrong, key=lambda row: -float(row.get("score", 0)))[:count]
+        return f"wrong labels, most confident first ({len(wrong)} of {len(rows)} test examples wrong)", worst
 
     # --- inference -------------------------------------------------------------------------------
     def predict(self, model: torch.nn.Module, inputs: list[dict[str, Any]],

@@ -189,7 +189,7 @@ def eos_token_ids(tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module | N
 
 def generate_batched(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Sequence[int]],
                      *, max_new_tokens: int, batch_size: int = 16, do_sample: bool = False,
-                     temperature: float = 1.0, top_p: float = 1.0,
+                     temperature: float = 1.0, top_p: float = 1.0, repetition_penalty: float = 1.0,
                      streamer: TextStreamer | None = None) -> list[Generation]:
     """Generate for tokenized prompts, in input order. Prompts are sorted by length (longest first)
     and LEFT-padded in batches, so every row's new tokens start at the same column; generation
@@ -205,6 +205,8 @@ def generate_batched(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
                                "pad_token_id": pad_id, "eos_token_id": eos_ids}
     if do_sample:
         options.update(temperature=temperature, top_p=top_p)
+    if repetition_penalty != 1.0:
+        options["repetition_penalty"] = repetition_penalty
     results: list[Generation | None] = [None] * len(prompts)
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]

@@ -92,9 +92,12 @@ class GenerationEval(EvalConfig):
     """Sample (with ``temperature`` and ``top_p``) instead of greedy decoding."""
     temperature: float = 1.0
     top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    """Above 1, tokens already in the prompt or the answer are made less likely (1: off)."""
 
     def validate(self) -> None:
         super().validate()
+        check(self.repetition_penalty > 0, "eval.repetition_penalty", "> 0", self.repetition_penalty)
         check(self.generate_samples >= 0, "eval.generate_samples", ">= 0", self.generate_samples)
         check(self.max_new_tokens > 0, "eval.max_new_tokens", "> 0", self.max_new_tokens)
         check(self.temperature > 0, "eval.temperature", "> 0", self.temperature)
@@ -117,6 +120,7 @@ class GenerationTask(Task):
     metrics_higher_is_better = {"loss": False, "perplexity": False}
     headline_metrics = ["perplexity", "loss", "rougeL", "eos_share", "mean_new_tokens"]
     pipeline_tag = "text-generation"
+    predict_example = '--prompt "Hello, how are you?" --max-new-tokens 48'
     eval_pad_values = {"generated": GENERATED_PAD}
     input_columns = ("text", "prompt", "messages")
     data: GenerationData
@@ -215,6 +219,10 @@ class GenerationTask(Task):
                                 remove_columns=examples.column_names, desc=f"tokenizing {split}")
         if len(features) == 0:
             raise DataError(f"{split}: the text has too few tokens to form a block")
+        if split == "test":  # the first generate_samples blocks: continue their first half (a prediction row each)
+            count = len(features)
+            features = features.add_column("generate", [i < self.eval.generate_samples for i in range(count)])
+            features = features.add_column("prompt_length", [max(1, n // 2) for n in features["length"]])
         logger.info("%s: %d lines -> %d blocks of up to %d tokens (%d tokens)", split, len(examples),
                     len(features), block, sum(features["length"]))
         return features
@@ -288,7 +296,7 @@ class GenerationTask(Task):
             prompts = [batch["input_ids"][i, :prompt_length[i]].tolist() for i in rows]
             results = generate_batched(model, self.tokenizer, prompts, max_new_tokens=e.max_new_tokens,
                                        batch_size=len(rows), do_sample=e.do_sample, temperature=e.temperature,
-                                       top_p=e.top_p)
+                                       top_p=e.top_p, repetition_penalty=e.repetition_penalty)
             width = max(1, max(len(r.token_ids) for r in results))
             generated = torch.full((len(generate), width), GENERATED_PAD, dtype=torch.long, device=nll.device)
             for i, result in zip(rows, results):
@@ -302,7 +310,9 @@ class GenerationTask(Task):
         loss = float(outputs["nll"].sum() / max(tokens, 1))
         metrics: dict[str, Any] = {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else float("inf"),
                                    "target_tokens": tokens}
-        if "generated" not in outputs or self.learned.shape == "text":
+        if self.learned.shape == "text":
+            return metrics, self._text_rows(outputs, features)
+        if "generated" not in outputs:
             return metrics, []
         eos_ids = set(eos_token_ids(self.tokenizer))
         rows, predictions, references, ended, lengths = [], [], [], [], []
@@ -328,8 +338,28 @@ class GenerationTask(Task):
                            max_new_tokens=self.eval.max_new_tokens, generated=len(predictions))
         return metrics, rows
 
+    def _text_rows(self, outputs: dict[str, np.ndarray], features: datasets.Dataset) -> list[dict[str, Any]]:
+        """Plain text: one row per evaluated block (its loss and target tokens); a block generated for also has
+        its first half (``prompt``), its second half (``reference``) and the model's continuation (``generation``,
+        cut to the reference's length: a plain-text model rarely stops by itself)."""
+        decode = self.tokenizer.decode
+        rows = []
+        flags = features["generate"] if "generate" in features.column_names else [False] * len(features)
+        for i, ids in enumerate(features["input_ids"]):
+            row: dict[str, Any] = {"block": i}
+            if flags[i] and "generated" in outputs:
+                half = features["prompt_length"][i]
+                new = [int(t) for t in outputs["generated"][i] if t != GENERATED_PAD][:len(ids) - half]
+                row.update(prompt=decode(ids[:half]), reference=decode(ids[half:]),
+                           generation=decode(new, skip_special_tokens=True))
+            else:
+                row["text"] = decode(ids)
+            row.update(loss=round(float(outputs["loss"][i]), 6), tokens=int(outputs["tokens"][i]))
+            rows.append(row)
+        return rows
+
     def preview(self, predictions: list[dict[str, Any]], count: int = 3) -> list[str]:
-        generated = [row for row in predictions if "generation" in row][:count]
+        generated = [row for row in predictions if "generation" in row and "ended_with_eos" in row][:count]
         if not generated:
             return []
         lines = ["\nsample generations (held-out test prompts):"]
@@ -339,6 +369,21 @@ class GenerationTask(Task):
             lines += [f"  prompt:    {prompt}", f"  reference: {row['reference']}",
                       f"  generated: {row['generation']}{stop}", ""]
         return lines
+
+    @classmethod
+    def worst_predictions(cls, rows: list[dict[str, Any]], count: int) -> tuple[str, list[dict[str, Any]]]:
+        """Generations furthest from their reference (lowest ROUGE-L F1, the metric of the run); without any
+        generation (``eval.generate_samples=0``), the rows of highest loss."""
+        generated = [row for row in rows if isinstance(row.get("generation"), str)]
+        if not generated:
+            return super().worst_predictions(rows, count)
+        from rouge_score import rouge_scorer
+
+        scorer = rouge_scorer.RougeScorer(["rougeL"])
+        scored = [{**row, "rougeL": round(scorer.score(str(row["reference"]), row["generation"])["rougeL"].fmeasure, 4)}
+                  for row in generated]
+        worst = sorted(scored, key=lambda row: (row["rougeL"], -float(row.get("loss", 0))))[:count]
+        return f"generations furthest from the reference, lowest ROUGE-L first (of {len(generated)} generated)", worst
 
     # --- inference -------------------------------------------------------------------------------
     def predict(self, model: torch.nn.Module, inputs: list[dict[str, Any]],
@@ -368,7 +413,7 @@ class GenerationTask(Task):
                 ids = ids[-d.max_length:]
             prompts.append(ids)
         options = {"max_new_tokens": e.max_new_tokens, "do_sample": e.do_sample, "temperature": e.temperature,
-                   "top_p": e.top_p}
+                   "top_p": e.top_p, "repetition_penalty": e.repetition_penalty}
         if stream is None:
             results = generate_batched(model, tokenizer, prompts, batch_size=e.batch_size, **options)
         else:

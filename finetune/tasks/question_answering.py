@@ -109,6 +109,7 @@ class QuestionAnsweringTask(Task):
     metrics_higher_is_better = {"loss": False, "exact_match": True, "f1": True}
     headline_metrics = ["exact_match", "f1"]
     pipeline_tag = "question-answering"
+    predict_example = '--question "What is the capital of France?" --context "Paris is the capital of France."'
     eval_pad_values = {"start_logits": PAD_LOGIT, "end_logits": PAD_LOGIT}
     data: QuestionAnsweringData
     eval: QuestionAnsweringEval
@@ -234,9 +235,10 @@ class QuestionAnsweringTask(Task):
         metrics: dict[str, Any] = {"loss": float(outputs["loss"].mean())}
         metrics.update(squad_scores(ids, [a.text for a in answers], examples["answers"], self.learned.unanswerable))
         rows = []
-        for example_id, question, gold, answer in zip(ids, examples["question"], examples["answers"], answers):
+        for example_id, question, context, gold, answer in zip(ids, examples["question"], examples["context"],
+                                                               examples["answers"], answers):
             row = {"id": example_id, "question": question, "prediction": answer.text, "start": answer.start,
-                   "score": round(answer.score, 6), "answers": gold["text"]}
+                   "score": round(answer.score, 6), "answers": gold["text"], "context": context}
             if self.learned.unanswerable:
                 row["null_score_diff"] = round(answer.null_score_diff, 4)
             rows.append(row)
@@ -262,6 +264,21 @@ class QuestionAnsweringTask(Task):
         texts = [overlap_answer(q, c)[0] for q, c in zip(test["question"], test["context"])]
         scores = squad_scores(test["id"], texts, test["answers"], self.learned.unanswerable)
         return {"name": BASELINE_NAME, "exact_match": scores["exact_match"], "f1": scores["f1"]}
+
+    @classmethod
+    def worst_predictions(cls, rows: list[dict[str, Any]], count: int) -> tuple[str, list[dict[str, Any]]]:
+        """Predicted spans that miss the answers, lowest F1 (SQuAD's word overlap) first, then most confident."""
+        scored = [{**row, "f1": round(span_f1(row.get("prediction", ""), row.get("answers") or []), 4)}
+                  for row in rows]
+        for row in scored:  # the predicted span [in brackets] inside its context
+            context, start, text = row.pop("context", None), row.get("start"), row.get("prediction") or ""
+            if isinstance(context, str) and isinstance(start, int) and text:
+                row["context, prediction in [ ]"] = f"{context[:start]}[{text}]{context[start + len(text):]}"
+            elif isinstance(context, str):
+                row["context, prediction in [ ]"] = context
+        wrong = [row for row in scored if row["f1"] < 1]
+        worst = sorted(wrong, key=lambda row: (row["f1"], -float(row.get("score", 0))))[:count]
+        return f"spans that miss the answer, lowest F1 first ({len(wrong)} of {len(rows)} questions)", worst
 
     # --- inference -------------------------------------------------------------------------------
     def predict(self, model: torch.nn.Module, inputs: list[dict[str, Any]],
@@ -480,6 +497,28 @@ def squad_scores(ids: Sequence[str], texts: Sequence[str], answers: Sequence[dic
             scores[f"{name}_exact_match"] = float(result[f"{prefix}_exact"])
             scores[f"{name}_f1"] = float(result[f"{prefix}_f1"])
     return scores
+
+
+def span_f1(prediction: str, answers: Sequence[str]) -> float:
+    """SQuAD's F1 of one predicted span against its best gold answer (words lowercased, punctuation and articles
+    dropped); a question without answer is right only when nothing is predicted."""
+    def words(text: str) -> list[str]:
+        text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+        return re.sub(r"\b(a|an|the)\b", " ", text).split()
+
+    if not answers:
+        return float(not words(prediction))
+    best = 0.0
+    predicted = words(prediction)
+    for answer in answers:
+        gold = words(answer)
+        common = sum((collections.Counter(predicted) & collections.Counter(gold)).values())
+        if not predicted or not gold:
+            best = max(best, float(predicted == gold))
+        elif common:
+            precision, recall = common / len(predicted), common / len(gold)
+            best = max(best, 2 * precision * recall / (precision + recall))
+    return best
 
 
 # --- baseline ------------------------------------------------------------------------------------------

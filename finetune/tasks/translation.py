@@ -140,6 +140,7 @@ class TranslationTask(Task):
     metrics_higher_is_better = {"loss": False, "bleu": True, "chrf": True}
     headline_metrics = ["bleu", "chrf"]
     pipeline_tag = "translation"
+    predict_example = '--text "Good morning, my friend."'
     eval_pad_values = {"generated": IGNORE_INDEX}
     input_columns = ("source",)
     data: TranslationData
@@ -397,6 +398,17 @@ class TranslationTask(Task):
             lines += [f"  source:     {row['source']}", f"  reference:  {row['reference']}",
                       f"  hypothesis: {row['hypothesis']}", ""]
         return lines
+
+    @classmethod
+    def worst_predictions(cls, rows: list[dict[str, Any]], count: int) -> tuple[str, list[dict[str, Any]]]:
+        """Hypotheses furthest from their reference: lowest sentence chrF (sacreBLEU) first."""
+        import sacrebleu
+
+        scored = [{**row, "chrf": round(sacrebleu.sentence_chrf(str(row.get("hypothesis", "")),
+                                                                [str(row.get("reference", ""))]).score, 2)}
+                  for row in rows if "hypothesis" in row]
+        worst = sorted(scored, key=lambda row: row["chrf"])[:count]
+        return f"translations furthest from the reference, lowest sentence chrF first (of {len(rows)} pairs)", worst
 
     # --- inference -------------------------------------------------------------------------------
     def predict(self, model: torch.nn.Module, inputs: list[dict[str, Any]],
