@@ -10,6 +10,11 @@ name map, q/k rows permuted for llama.cpp's rotary layout, hyper-parameters and 
 ("gpt2") tokenizer with its special ids, ``add_bos`` flag and chat template in the metadata. The file is
 checked by reading it back with transformers' own GGUF loader, the one finetune uses for GGUF inputs.
 
+Runs (``export_run``, ``load_onnx_run``) are the bottom section: ``finetune export`` merges a finished
+run's adapter into a float copy of its base, writes the file and verifies it; an ONNX export also gets the
+run's config and task file beside it, so that ``finetune predict``/``serve`` on the ``.onnx`` file run the
+task's own pre- and post-processing around onnxruntime.
+
 ONNX (``export_onnx``) traces the model with torch's TorchScript-based exporter (``dynamo=False``): the
 newer dynamo exporter needs the ``onnxscript`` package, the TorchScript one needs nothing beyond
 ``onnx`` (torch 2.13 still ships it, deprecated). Tracing freezes the Python-side branches it meets;
@@ -511,18 +516,20 @@ class _TracedHead(torch.nn.Module):
         return tuple(outputs[name] for name in self.output_names)
 
 
-def export_onnx(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path, kind: str) -> Path:
+def export_onnx(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path, kind: str,
+                input_names: Sequence[str] | None = None) -> Path:
     """Write ``model`` (an encoder with a ``kind`` head) as ONNX with dynamic batch and sequence axes.
 
     ``kind``: ``classification`` (also multi-label and regression heads), ``question-answering``
     (``start_logits``/``end_logits``) or ``token-classification``. ``out`` is the ``.onnx`` file or a
     folder that receives ``model.onnx``; the tokenizer and the model's config (labels) are saved beside
-    it, and the ONNX metadata records the kind, the opset and the exporter. Returns the ``.onnx`` path."""
+    it, and the ONNX metadata records the kind, the opset and the exporter. ``input_names`` narrows the
+    graph's inputs (default: what the tokenizer produces and the model takes). Returns the ``.onnx`` path."""
     onnx = _require("onnx", "export")
     head = _onnx_kind(model, kind)
     path = Path(out) / ONNX_FILE if Path(out).suffix != ".onnx" else Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    input_names = _onnx_input_names(model, tokenizer)
+    input_names = list(input_names) if input_names is not None else _onnx_input_names(model, tokenizer)
     dummy = _dummy_batch(tokenizer)
     args = tuple(dummy[name].to(next(model.parameters()).device) for name in input_names)
     axes = {name: {0: "batch", 1: "sequence"} for name in input_names}
@@ -648,3 +655,207 @@ def verify_onnx(path: Path, model: PreTrainedModel, tokenizer: PreTrainedTokeniz
                 texts: Sequence[str] | Sequence[tuple[str, str]]) -> float:
     """Max abs difference between onnxruntime's outputs for the ONNX file and ``model``'s on ``texts``."""
     return compare_onnx(path, model, tokenizer, texts).max_abs_diff
+
+
+# --------------------------------------------------------------------------------------------------
+# Runs: `finetune export` and prediction with an exported ONNX file
+# --------------------------------------------------------------------------------------------------
+
+EXPORT_FORMATS = ("gguf", "onnx")
+# Inputs the ONNX check runs besides the run's own test texts: short and long, punctuation and digits.
+ONNX_CHECK_TEXTS = ("the movie was really quite good", "bad", "What a wonderful, surprising film: 10/10!",
+                    "a chair by the window, near the river and the street, on a quiet day in 1990")
+ONNX_CHECK_PAIRS = (("where is the chair?", "a chair by the window, near the river and the street"),
+                    ("who wrote it?", "It was written by Jane in 1990, in Paris."),
+                    ("what is it?", "it"))
+ONNX_CHECK_RUN_ROWS = 8  # test predictions of the run added to the ONNX check
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """A written export and how its read-back outputs compare with the merged PyTorch model's."""
+
+    path: Path
+    format: str
+    comparison: LogitComparison
+    checked: str
+    """What was compared, in words (e.g. ``next-token logits of 3 prompts``)."""
+
+    def describe(self) -> str:
+        c = self.comparison
+        reader = "transformers' GGUF loader" if self.format == "gguf" else "onnxruntime"
+        size = self.path.stat().st_size / 2**20
+        return (f"wrote {self.path} ({size:.1f} MiB)\nread back with {reader}: max abs diff {c.max_abs_diff:.3g} "
+                f"from the merged PyTorch model ({self.checked}; largest |value| {c.max_abs_value:.3g}), "
+                f"argmax agreement {c.argmax_agreement:.0%}")
+
+
+def export_run(ref: str | Path, fmt: str, out: Path | None = None, dtype: str | None = None,
+               revision: str | None = None, overwrite: bool = False) -> ExportResult:
+    """Export a finished run (folder or Hub id): its adapter merged into a float copy of the base, written
+    as GGUF (decoder LMs of the Llama family; ``dtype`` f16 by default) or ONNX (encoder classification
+    and QA runs; float32), then read back and compared with the merged model.
+
+    Without ``out`` the file goes to the run folder's ``export/`` (``model-<dtype>.gguf``, or ``onnx/``
+    holding ``model.onnx`` with the tokenizer, the run's config and task file)."""
+    from finetune.errors import ConfigError, RunFolderError
+    from finetune.run_folder import RunFolder
+    from finetune.trained_run import load_run, locate_run
+
+    if fmt not in EXPORT_FORMATS:
+        raise ConfigError(f"--format must be one of {', '.join(EXPORT_FORMATS)}; got {fmt!r}")
+    if fmt == "onnx" and dtype not in (None, "f32"):
+        raise ConfigError(f"--dtype {dtype} applies to GGUF; an ONNX export keeps the model's float32 weights")
+    dtype = dtype or ("f16" if fmt == "gguf" else "f32")
+    if fmt == "gguf" and dtype not in GGUF_DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(GGUF_DTYPES)} for GGUF; got {dtype!r}")
+    run_folder = locate_run(ref, revision)
+    if out is None and not Path(ref).expanduser().is_dir():
+        raise ConfigError(f"--out is needed: {ref} is a Hub id, and its pulled copy lives in the Hub cache")
+    if out is None:  # the run folder's export/: GGUF files side by side, the ONNX folder in onnx/
+        out = run_folder.exports if fmt == "gguf" else run_folder.exports / "onnx"
+    target = _export_target(out, fmt, dtype)
+    if target.exists() and not overwrite:
+        raise RunFolderError(f"{target} exists; choose another --out or pass --overwrite")
+
+    run = load_run(run_folder.path)
+    _check_exportable(run, ref, fmt)
+    # Probed before merging: the merge changes the run's model in place.
+    onnx_inputs = _inputs_the_run_reads(run.model, run.tokenizer) if fmt == "onnx" else None
+    model = _merged(run.model, f"{ref} (base {run.config.model.name_or_path})")
+    if fmt == "gguf":
+        path = export_gguf(model, run.tokenizer, target, dtype)
+        comparison = compare_gguf(path, model, run.tokenizer, DEFAULT_PROMPTS)
+        return ExportResult(path, fmt, comparison, f"next-token logits at every position of {len(DEFAULT_PROMPTS)} "
+                                                   "prompts")
+    path = export_onnx(model, run.tokenizer, target, kind=run.task.name, input_names=onnx_inputs)
+    run.task.save(path.parent)  # task.json: labels, QA settings learned in training
+    from finetune.config import dump_config
+
+    dump_config(run.config, RunFolder(path.parent).config)
+    inputs = _onnx_check_inputs(run_folder, run.task.name)
+    comparison = compare_onnx(path, model, run.tokenizer, inputs)
+    names = ", ".join(ONNX_KINDS[run.task.name].outputs)
+    return ExportResult(path, fmt, comparison, f"{names} of {len(inputs)} inputs in one padded batch")
+
+
+def _export_target(out: Path, fmt: str, dtype: str) -> Path:
+    """The file ``export_gguf``/``export_onnx`` will write for ``out`` (a file, or a folder)."""
+    out = Path(out)
+    if fmt == "gguf":
+        return out if out.suffix == ".gguf" else out / f"model-{dtype}.gguf"
+    return out if out.suffix == ".onnx" else out / ONNX_FILE
+
+
+def _check_exportable(run: Any, ref: str | Path, fmt: str) -> None:
+    """Refuse, in one line, a run whose model the format cannot hold, naming the format that can."""
+    base = run.model.get_base_model() if hasattr(run.model, "peft_config") else run.model
+    model_class = type(base).__name__
+    decoder_lm = base.can_generate() and not getattr(base.config, "is_encoder_decoder", False)
+    if fmt == "gguf" and not decoder_lm:  # the architecture itself is checked by export_gguf
+        hint = "; export it with --format onnx" if run.task.name in ONNX_KINDS else ""
+        raise ModelError(f"GGUF export writes decoder-only language models (generation runs); {ref} is a "
+                         f"{run.task.name} run ({model_class}){hint}")
+    if fmt == "onnx" and run.task.name not in ONNX_KINDS:
+        hint = "; export it with --format gguf" if decoder_lm else ""
+        raise ModelError(f"ONNX export writes encoder models with a task head ({', '.join(ONNX_KINDS)} runs); "
+                         f"{ref} is a {run.task.name} run ({model_class}){hint}")
+
+
+def _merged(model: torch.nn.Module, name: str) -> PreTrainedModel:
+    """The run's model as one plain float32 model: the adapter merged (``finetune merge``'s way), or a
+    fully fine-tuned model as it is."""
+    if hasattr(model, "peft_config"):
+        from finetune.merge import merge_adapter
+
+        model = merge_adapter(model, name)
+    return model.to(torch.float32).eval()
+
+
+@torch.no_grad()
+def _inputs_the_run_reads(run_model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """The model inputs (of those the tokenizer makes) that the run's own model reacts to. peft's QA
+    wrapper (0.21) does not pass ``token_type_ids`` on to a LoRA model: such a run trained and predicts
+    without segment ids, while its merged model would read them. The export leaves out an input the run ignores, so that the graph
+    computes what the run computes. Found by probing (with and without it), not by peft's version."""
+    base = run_model.get_base_model() if hasattr(run_model, "peft_config") else run_model
+    names = _onnx_input_names(base, tokenizer)
+    if "token_type_ids" not in names:
+        return names
+    batch = _dummy_batch(tokenizer)
+    device = next(run_model.parameters()).device
+    inputs = {name: batch[name].to(device) for name in names}
+    was_training = run_model.training
+    run_model.eval()
+    try:
+        with_ids = run_model(**inputs, return_dict=True)
+        without = run_model(**{k: v for k, v in inputs.items() if k != "token_type_ids"}, return_dict=True)
+    finally:
+        run_model.train(was_training)
+    outputs = [key for key in with_ids.keys() if isinstance(with_ids[key], torch.Tensor) and key != "loss"]
+    if all(torch.equal(with_ids[key], without[key]) for key in outputs):
+        logger.info("the run's model ignores token_type_ids (peft's QA wrapper drops them): exported without")
+        return [name for name in names if name != "token_type_ids"]
+    return names
+
+
+def _onnx_check_inputs(run_folder: Any, kind: str) -> list[str] | list[tuple[str, str]]:
+    """Fixed check inputs plus, for classification, the first texts of the run's test predictions (the
+    domain it was trained on). QA prediction rows hold no context, so QA uses the fixed pairs."""
+    if kind == "question-answering":
+        return list(ONNX_CHECK_PAIRS)
+    rows: list[dict[str, Any]] = []
+    if run_folder.predictions.is_file():
+        with run_folder.predictions.open(encoding="utf-8") as handle:
+            for line in handle:
+                row = json.loads(line)
+                if isinstance(row.get("text"), str):
+                    rows.append(row)
+                if len(rows) == ONNX_CHECK_RUN_ROWS:
+                    break
+    if rows and all(isinstance(row.get("text_pair"), str) for row in rows):
+        return list(ONNX_CHECK_PAIRS) + [(row["text"], row["text_pair"]) for row in rows]
+    return list(ONNX_CHECK_TEXTS) + [row["text"] for row in rows]
+
+
+class OnnxModel(torch.nn.Module):
+    """An exported ONNX graph behind the interface a task's ``predict`` uses: ``model(**batch)`` returns
+    the head's outputs (``.logits``, ``.start_logits``/``.end_logits``) as torch tensors."""
+
+    def __init__(self, predictor: OnnxPredictor):
+        super().__init__()
+        self.predictor = predictor
+        # Tasks put their batches on the device of the model's first parameter: onnxruntime's is the CPU.
+        self.device_anchor = torch.nn.Parameter(torch.empty(0), requires_grad=False)
+
+    def forward(self, **batch: torch.Tensor) -> Any:
+        from transformers.modeling_outputs import ModelOutput
+
+        outputs = self.predictor(batch)
+        return ModelOutput({name: torch.from_numpy(value) for name, value in outputs.items()})
+
+
+def load_onnx_run(path: str | Path) -> Any:
+    """An ONNX export of a run (``finetune export RUN --format onnx``) as a ``TrainedRun`` whose model runs in
+    onnxruntime: the task comes from the config and task file written beside the ``.onnx`` file."""
+    from finetune.errors import RunFolderError
+    from finetune.recipes import load_config
+    from finetune.run_folder import RunFolder
+    from finetune.tasks import load_task
+    from finetune.trained_run import TrainedRun
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"ONNX file not found: {path}")
+    folder = RunFolder(path.parent)
+    if not folder.config.is_file():
+        raise RunFolderError(f"{path.parent} has no {folder.config.name} beside {path.name}: predict and serve need "
+                             f"an export made by `finetune export RUN --format onnx` (it writes the run's config "
+                             f"and task file next to the model)")
+    config = load_config(folder.config)
+    task = load_task(config, folder.path)
+    predictor = OnnxPredictor(path)
+    if predictor.kind != task.name:
+        raise RunFolderError(f"{path} holds a {predictor.kind or 'unknown'} graph, but the config beside it is for "
+                             f"task {task.name}")
+    return TrainedRun(config, task, OnnxModel(predictor).eval())

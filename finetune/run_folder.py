@@ -11,6 +11,8 @@
         predictions_test.jsonl  one prediction per test example
         curves.png, README.md   training curves; the model card
         metrics.json            written last: its presence marks a finished run
+        export/                 `finetune export`: model-<dtype>.gguf, onnx/ (model.onnx, tokenizer,
+                                config.yaml and task.json: predict and serve run it without the run)
 
 A run pushed to the Hub keeps the weights folder's files at the repo root (see ``finetune.hub``), so the
 same class reads a pulled snapshot: :meth:`RunFolder.weights` is then the folder itself.
@@ -62,6 +64,8 @@ class RunFolder:
     checkpoints = property(lambda self: self.path / "checkpoints")
     best_weights = property(lambda self: self.path / "best" / "trainable.safetensors")
     tracker_logs = property(lambda self: self.path / "logs")
+    exports = property(lambda self: self.path / "export")
+    """``finetune export``'s default destination."""
 
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / f"step-{step:08d}"
