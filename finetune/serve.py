@@ -89,12 +89,15 @@ class ServeSettings:
     """Request bodies larger than this are refused with 413."""
     request_timeout_s: float = 600.0
     """A request still waiting for its answer after this long gets 504 (and its generation stops)."""
+    threads: int | None = None
+    """Torch's intra-op threads for the model (default: torch's choice, one per core)."""
 
     def validate(self) -> None:
         """One-line errors naming the flag."""
         bounds = {"port": (self.port, 0, 65535), "max-batch-size": (self.max_batch_size, 1, None),
                   "max-queue": (self.max_queue, 1, None), "max-tokens": (self.max_tokens, 1, None),
-                  "max-inputs": (self.max_inputs, 1, None), "max-request-bytes": (self.max_request_bytes, 1, None)}
+                  "max-inputs": (self.max_inputs, 1, None), "max-request-bytes": (self.max_request_bytes, 1, None),
+                  "threads": (self.threads or 1, 1, None)}
         for flag, (value, low, high) in bounds.items():
             if value < low or (high is not None and value > high):
                 expected = f"between {low} and {high}" if high is not None else f"at least {low}"
@@ -393,6 +396,8 @@ class ModelWorker:
         """Tokens the model attends to at most (prompt + new tokens); None when it does not say."""
 
     def start(self) -> None:
+        if self.settings.threads:
+            torch.set_num_threads(self.settings.threads)
         self._thread.start()
 
     def stop(self) -> None:
@@ -669,7 +674,8 @@ def create_app(run: TrainedRun, name: str, settings: ServeSettings) -> FastAPI:
             raise ApiError(400, f"{len(inputs)} inputs in one request; at most {settings.max_inputs} "
                                 "(--max-inputs)", param="inputs")
         rows = await answer(PredictJob(asyncio.get_running_loop(), inputs))
-        return rows[0] if single else {"predictions": rows}
+        # A JSONResponse as it is: FastAPI would first walk the rows through its jsonable_encoder.
+        return JSONResponse(rows[0] if single else {"predictions": rows})
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
@@ -745,8 +751,8 @@ async def _respond(job: GenerateJob, answer: Any, *, chat: bool, name: str, body
     if not job.stream:
         await answer(job)
         choices = [_choice(chat, seq.index, seq.text, seq.finish) for seq in job.choices]
-        return {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": created,
-                "model": name, "choices": choices, "usage": job.usage()}
+        return JSONResponse({"id": ident, "object": "chat.completion" if chat else "text_completion",
+                             "created": created, "model": name, "choices": choices, "usage": job.usage()})
     await answer(job)  # accepted: prompts tokenized and within the limits
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     chunk_object = "chat.completion.chunk" if chat else "text_completion"
@@ -802,15 +808,19 @@ def _delta(chat: bool, index: int, text: str | None, finish: str | None, role: b
 
 # --- running it ----------------------------------------------------------------------------------------
 def _bind(host: str, port: int) -> socket.socket:
-    """The listening socket, bound before uvicorn starts so that port 0 can be reported."""
+    """The listening socket, bound and listening before uvicorn starts: port 0 can be reported, and a client
+    that connects as soon as the address is printed waits in the backlog instead of being refused."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP spelled out: asyncio turns Nagle's algorithm off (TCP_NODELAY) only on sockets that say
+    # they are TCP; with Nagle on, a response written in two parts waits ~40 ms for the client's delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.listen(2048)  # uvicorn's backlog
     return sock
 
 
