@@ -251,9 +251,9 @@ def test_concurrent_chats_share_a_batch_and_answer_as_alone(chat_server, loaded)
 # --- classifier run --------------------------------------------------------------------------------------
 def test_predict_answers_like_finetune_predict(classifier_server, loaded):
     texts = ["the movie was great", "awful day", "a chair by the window"]
-    expected = predicted(loaded.classifier, [{"text": t} for t in texts])
+    expected = predicted(loaded.classifier, [{"text": t} for t in texts])  # one batch, as the server's
     code, answer = classifier_server.request("POST", "/v1/predict", {"text": texts[0]}, key=API_KEY)
-    assert code == 200 and answer == expected[0]
+    assert code == 200 and answer == predicted(loaded.classifier, [{"text": texts[0]}])[0]
     code, answer = classifier_server.request("POST", "/v1/predict", {"inputs": [{"text": t} for t in texts]},
                                              key=API_KEY)
     assert code == 200 and answer == {"predictions": expected}
@@ -346,3 +346,15 @@ def test_serve_flags_and_a_busy_port_are_one_line_errors(runs, capsys):
         assert main(["serve", str(runs.classifier), "--port", str(port)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: cannot listen on 127.0.0.1:{port}") and "\n" not in err
+
+
+def test_the_load_test_runs_and_prints_its_table(runs):
+    """bench/serve.py end to end at a tiny size (the numbers are BENCHMARKS.md's business, not a test's)."""
+    result = subprocess.run([sys.executable, str(tiny_runs.ROOT / "bench" / "serve.py"), "--run", str(runs.classifier),
+                             "--requests", "24", "--clients", "4", "--rounds", "1", "--warmup", "4",
+                             "--time-limit", "300"], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONPATH": str(tiny_runs.ROOT)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line.split() for line in result.stdout.splitlines() if re.match(r"\s+1\s+(one|concurrent)", line)]
+    assert [(row[1], row[-7:-5]) for row in rows] == [("one", ["24", "0"]), ("concurrent", ["24", "0"])]
+    assert "4 concurrent clients / one at a time" in result.stdout and "failed requests: 0" in result.stdout
