@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", help="branch, tag or commit of a Hub run")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="port (0: any free port, printed at startup)")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request (default: $FINETUNE_API_KEY)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request "
+                                     "(default: $FINETUNE_API_KEY)")
     p.add_argument("--name", help="model id in /v1/models and responses (default: the run folder's name)")
     p.add_argument("--batch-window-ms", type=float, default=2.0,
                    help="how long a request waits for others to share its batch (default 2)")

@@ -38,7 +38,9 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from finetune.errors import FinetuneError, ModelError
+from finetune.config import dump_config
+from finetune.errors import ConfigError, FinetuneError, ModelError, RunFolderError
+from finetune.run_folder import RunFolder
 
 if TYPE_CHECKING:
     import gguf
@@ -698,9 +700,7 @@ def export_run(ref: str | Path, fmt: str, out: Path | None = None, dtype: str | 
 
     Without ``out`` the file goes to the run folder's ``export/`` (``model-<dtype>.gguf``, or ``onnx/``
     holding ``model.onnx`` with the tokenizer, the run's config and task file)."""
-    from finetune.errors import ConfigError, RunFolderError
-    from finetune.run_folder import RunFolder
-    from finetune.trained_run import load_run, locate_run
+    from finetune.trained_run import load_run, locate_run  # late: loading runs needs the tasks, not exports
 
     if fmt not in EXPORT_FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(EXPORT_FORMATS)}; got {fmt!r}")
@@ -709,9 +709,12 @@ def export_run(ref: str | Path, fmt: str, out: Path | None = None, dtype: str | 
     dtype = dtype or ("f16" if fmt == "gguf" else "f32")
     if fmt == "gguf" and dtype not in GGUF_DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(GGUF_DTYPES)} for GGUF; got {dtype!r}")
-    run_folder = locate_run(ref, revision)
     if out is None and not Path(ref).expanduser().is_dir():
-        raise ConfigError(f"--out is needed: {ref} is a Hub id, and its pulled copy lives in the Hub cache")
+        from finetune.hub import looks_like_hub_id
+
+        if looks_like_hub_id(str(ref)):  # checked before pulling it
+            raise ConfigError(f"--out is needed: {ref} is a Hub id, and its pulled copy lives in the Hub cache")
+    run_folder = locate_run(ref, revision)  # a folder that does not exist: one line saying so
     if out is None:  # the run folder's export/: GGUF files side by side, the ONNX folder in onnx/
         out = run_folder.exports if fmt == "gguf" else run_folder.exports / "onnx"
     target = _export_target(out, fmt, dtype)
@@ -730,8 +733,6 @@ def export_run(ref: str | Path, fmt: str, out: Path | None = None, dtype: str | 
                                                    "prompts")
     path = export_onnx(model, run.tokenizer, target, kind=run.task.name, input_names=onnx_inputs)
     run.task.save(path.parent)  # task.json: labels, QA settings learned in training
-    from finetune.config import dump_config
-
     dump_config(run.config, RunFolder(path.parent).config)
     inputs = _onnx_check_inputs(run_folder, run.task.name)
     comparison = compare_onnx(path, model, run.tokenizer, inputs)
@@ -776,8 +777,9 @@ def _merged(model: torch.nn.Module, name: str) -> PreTrainedModel:
 def _inputs_the_run_reads(run_model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[str]:
     """The model inputs (of those the tokenizer makes) that the run's own model reacts to. peft's QA
     wrapper (0.21) does not pass ``token_type_ids`` on to a LoRA model: such a run trained and predicts
-    without segment ids, while its merged model would read them. The export leaves out an input the run ignores, so that the graph
-    computes what the run computes. Found by probing (with and without it), not by peft's version."""
+    without segment ids, while its merged model would read them. The export leaves out an input the run
+    ignores, so that the graph computes what the run computes. Found by probing (with and without it), not
+    by peft's version."""
     base = run_model.get_base_model() if hasattr(run_model, "peft_config") else run_model
     names = _onnx_input_names(base, tokenizer)
     if "token_type_ids" not in names:
@@ -838,9 +840,7 @@ class OnnxModel(torch.nn.Module):
 def load_onnx_run(path: str | Path) -> Any:
     """An ONNX export of a run (``finetune export RUN --format onnx``) as a ``TrainedRun`` whose model runs in
     onnxruntime: the task comes from the config and task file written beside the ``.onnx`` file."""
-    from finetune.errors import RunFolderError
     from finetune.recipes import load_config
-    from finetune.run_folder import RunFolder
     from finetune.tasks import load_task
     from finetune.trained_run import TrainedRun
 

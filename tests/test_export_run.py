@@ -49,12 +49,12 @@ def predict_rows(capsys, ref: Path, *args: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def chat_run(tmp_path_factory) -> Path:
-    return tiny_runs.decoder_run(tmp_path_factory.mktemp("chat"))
+    return tiny_runs.shared_run(tmp_path_factory, "chat")
 
 
 @pytest.fixture(scope="module")
 def classifier_run(tmp_path_factory, tiny_bert) -> Path:
-    return tiny_runs.classifier_run(tmp_path_factory.mktemp("classifier"), tiny_bert)
+    return tiny_runs.shared_run(tmp_path_factory, "classifier", tiny_bert)
 
 
 # ------------------------------------------------------------------------------------------ GGUF

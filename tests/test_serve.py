@@ -12,7 +12,6 @@ import re
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -83,8 +82,8 @@ class Server:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_bert) -> SimpleNamespace:
-    folder = tmp_path_factory.mktemp("serve-runs")
-    return SimpleNamespace(chat=tiny_runs.decoder_run(folder), classifier=tiny_runs.classifier_run(folder, tiny_bert))
+    return SimpleNamespace(chat=tiny_runs.shared_run(tmp_path_factory, "chat"),
+                           classifier=tiny_runs.shared_run(tmp_path_factory, "classifier", tiny_bert))
 
 
 @pytest.fixture(scope="module")

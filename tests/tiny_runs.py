@@ -12,6 +12,17 @@ from conftest import synthetic_reviews, tiny_overrides, write_csv
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def shared_run(tmp_path_factory, kind: str, tiny_bert: Path | None = None) -> Path:
+    """The ``chat`` or ``classifier`` run, trained once per test session: the modules that need one share
+    its folder (a finished run is never trained again)."""
+    folder = tmp_path_factory.getbasetemp() / "shared-tiny-runs" / kind
+    name = {"chat": "tiny-chat", "classifier": "tiny-classifier"}[kind]
+    if (folder / name / "metrics.json").is_file():
+        return folder / name
+    folder.mkdir(parents=True, exist_ok=True)
+    return decoder_run(folder, name=name) if kind == "chat" else classifier_run(folder, tiny_bert, name=name)
+
+
 def train_run(recipe: str, overrides: list[str]) -> Path:
     from finetune.recipes import load_config, resolve_recipe
     from finetune.train import train
