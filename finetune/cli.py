@@ -1,4 +1,5 @@
-"""Command line: ``finetune train | eval | predict | push | merge | recipes | runs | compare | report`` (also
+"""Command line: ``finetune train | eval | predict | push | merge | export | serve | recipes | runs | compare |
+report`` (also
 ``python -m finetune``)."""
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ RUN_HELP = "a finished run folder, or the ORG/NAME id of a run pushed to the Hub
 RUN_OVERRIDES_HELP = ("settings of the run to change, e.g. eval.batch_size=8, or model.name_or_path=PATH for a Hub run "
                       "trained from a local base; model.trust_remote_code=true and model.allow_pickle=true only ever "
                       "come from here, never from the run's own config")
+ONNX_RUN_HELP = RUN_HELP + ", or the model.onnx of an ONNX export (finetune export RUN --format onnx)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_eval)
 
     p = sub.add_parser("predict", parents=[common], help="predict with a finished run")
-    p.add_argument("run_dir", metavar="RUN", help=RUN_HELP)
+    p.add_argument("run_dir", metavar="RUN", help=ONNX_RUN_HELP)
     p.add_argument("overrides", nargs="*", metavar="key=value", help=RUN_OVERRIDES_HELP)
     p.add_argument("--revision", help="branch, tag or commit of a Hub run")
     for field, about in INPUT_FIELDS.items():
@@ -125,6 +127,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     p.set_defaults(handler=cmd_merge)
 
+    p = sub.add_parser("export", parents=[common], help="export a run's merged model to GGUF or ONNX",
+                       description="Merge the adapter into a float copy of the base, write GGUF (llama.cpp, Ollama; "
+                                   "decoder runs of the Llama family) or ONNX (onnxruntime; classification and QA "
+                                   "runs), read the file back and print the largest difference of its outputs.")
+    p.add_argument("run_dir", metavar="RUN", help=RUN_HELP)
+    p.add_argument("--format", required=True, choices=["gguf", "onnx"])
+    p.add_argument("--out", type=Path, help="file (.gguf / .onnx) or folder to write (default: RUN/export/)")
+    p.add_argument("--dtype", help="GGUF weight type: f16 (default), bf16, f32 or q8_0; ONNX is float32")
+    p.add_argument("--revision", help="branch, tag or commit of a Hub run")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing export file")
+    p.set_defaults(handler=cmd_export)
+
+    p = sub.add_parser("serve", parents=[common], help="serve a run over HTTP (OpenAI-compatible for generation)",
+                       description="Serve a finished run: /v1/chat/completions, /v1/completions and /v1/models for "
+                                   "generation runs, /v1/predict for every task, /health. Requests that arrive "
+                                   "together are batched in one model worker.")
+    p.add_argument("run_dir", metavar="RUN", help=ONNX_RUN_HELP)
+    p.add_argument("--revision", help="branch, tag or commit of a Hub run")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="port (0: any free port, printed at startup)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request "
+                                     "(default: $FINETUNE_API_KEY)")
+    p.add_argument("--name", help="model id in /v1/models and responses (default: the run folder's name)")
+    p.add_argument("--batch-window-ms", type=float, default=2.0,
+                   help="how long a request waits for others to share its batch (default 2)")
+    p.add_argument("--max-batch-size", type=int, default=16, help="inputs (or sequences) per batch")
+    p.add_argument("--max-queue", type=int, default=256, help="requests waiting at most; more get 503")
+    p.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask for")
+    p.add_argument("--max-inputs", type=int, default=64, help="inputs per /v1/predict request at most")
+    p.add_argument("--max-request-bytes", type=int, default=1_000_000, help="request body size limit")
+    p.add_argument("--threads", type=int, help="torch threads for the model (default: one per core)")
+    p.set_defaults(handler=cmd_serve)
+
     p = sub.add_parser("recipes", parents=[common], help="list the shipped recipes")
     p.set_defaults(handler=cmd_recipes)
 
@@ -158,7 +193,7 @@ def configure_logging(debug: bool) -> None:
     if not debug:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         for name in ("transformers", "datasets", "accelerate", "peft", "evaluate", "huggingface_hub", "urllib3",
-                     "filelock", "fsspec", "matplotlib", "httpx", "httpx2"):
+                     "filelock", "fsspec", "matplotlib", "httpx", "httpx2", "gguf"):
             logging.getLogger(name).setLevel(logging.ERROR)
         import datasets
         import transformers
@@ -193,12 +228,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from finetune.trained_run import load_run
-
     inputs = read_inputs(args)
     if args.output is not None:
         check_writable(args.output, "--output")
-    run = load_run(args.run_dir, [*args.overrides, *generation_overrides(args)], revision=args.revision)
+    run = load_for_inference(args.run_dir, [*args.overrides, *generation_overrides(args)], revision=args.revision)
     stream = sys.stderr if args.stream or (args.stream is None and sys.stderr.isatty()) else None
     predictions = run.task.predict(run.model, inputs, stream=stream)
     out = args.output.open("w", encoding="utf-8") if args.output else sys.stdout
@@ -237,6 +270,19 @@ def generation_overrides(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
+def load_for_inference(ref: str, overrides: list[str], revision: str | None = None) -> Any:
+    """A finished run (folder or Hub id), or an ONNX export of one (its ``.onnx`` file) run by onnxruntime."""
+    if str(ref).endswith(".onnx"):
+        from finetune.export import load_onnx_run
+
+        if revision is not None:
+            raise ConfigError(f"--revision applies to Hub ids; {ref} is an ONNX file")
+        return load_onnx_run(Path(ref), overrides)
+    from finetune.trained_run import load_run
+
+    return load_run(ref, overrides, revision=revision)
+
+
 def read_inputs(args: argparse.Namespace) -> list[dict[str, Any]]:
     """--text/--prompt/--question/... or --input FILE -> a list of input rows (dicts)."""
     given = {field: getattr(args, field) for field in INPUT_FIELDS if getattr(args, field)}
@@ -270,6 +316,28 @@ def cmd_merge(args: argparse.Namespace) -> int:
     out = merge_run(args.run_dir, args.out, revision=args.revision, dtype=args.dtype, overwrite=args.overwrite,
                     overrides=args.overrides)
     print(f"merged model written to {out}: it loads with transformers' from_pretrained alone, no peft")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from finetune.export import export_run
+
+    result = export_run(args.run_dir, args.format, out=args.out, dtype=args.dtype, revision=args.revision,
+                        overwrite=args.overwrite)
+    print(result.describe())
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from finetune.serve import ServeSettings, serve
+
+    api_key = args.api_key or os.environ.get("FINETUNE_API_KEY") or None
+    settings = ServeSettings(host=args.host, port=args.port, api_key=api_key, name=args.name,
+                             batch_window_ms=args.batch_window_ms, max_batch_size=args.max_batch_size,
+                             max_queue=args.max_queue, max_tokens=args.max_tokens, max_inputs=args.max_inputs,
+                             max_request_bytes=args.max_request_bytes, threads=args.threads)
+    settings.validate()  # before the model loads
+    serve(load_for_inference(args.run_dir, revision=args.revision), args.run_dir, settings)
     return 0
 
 

@@ -15,6 +15,8 @@
         report.html             one self-contained page to look at the run (``finetune.report_page``)
         failure.json            only when an error ended the run
         metrics.json            written last: its presence marks a finished run
+        export/                 `finetune export`: model-<dtype>.gguf, onnx/ (model.onnx, tokenizer,
+                                config.yaml and task.json: predict and serve run it without the run)
 
 A run pushed to the Hub keeps the weights folder's files at the repo root (see ``finetune.hub``), so the
 same class reads a pulled snapshot: :meth:`RunFolder.weights` is then the folder itself.
@@ -91,6 +93,8 @@ class RunFolder:
     """One self-contained page: curves, metrics beside baselines, per-class results, the worst errors, config."""
     failure = property(lambda self: self.path / "failure.json")
     """Written when an error ends the run (what failed, at which step, how to resume); gone once it resumes."""
+    exports = property(lambda self: self.path / "export")
+    """``finetune export``'s default destination."""
 
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / f"step-{step:08d}"

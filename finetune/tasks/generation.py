@@ -386,12 +386,23 @@ class GenerationTask(Task):
         return f"generations furthest from the reference, lowest ROUGE-L first (of {len(generated)} generated)", worst
 
     # --- inference -------------------------------------------------------------------------------
+    def prompt_ids(self, prompt: str | list[dict[str, str]]) -> list[int]:
+        """Token ids of one prompt (a string, or a chat as ``{role, content}`` turns) formatted as in
+        training: the chat template or ``data.prompt_template`` (with ``data.system_prompt``); a plain-text
+        model (``shape: text``) continues the text as it is."""
+        d, tokenizer = self.data, self.tokenizer
+        if self.learned.shape == "text":
+            return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        chat = uses_chat_template(tokenizer, d.use_chat_template)
+        text = format_prompt(tokenizer, prompt, use_chat_template=chat, template=d.prompt_template,
+                             system_prompt=d.system_prompt)
+        return encode_prompt(tokenizer, text, chat)
+
     def predict(self, model: torch.nn.Module, inputs: list[dict[str, Any]],
                 stream: TextIO | None = None) -> list[dict[str, Any]]:
         """Complete ``prompt`` (or ``messages``; ``text`` for a plain-text model). With ``stream``, tokens are
         written there as they come, one prompt at a time."""
         d, e, tokenizer = self.data, self.eval, self.tokenizer
-        chat = self.learned.shape != "text" and uses_chat_template(tokenizer, d.use_chat_template)
         prompts = []
         for row, item in enumerate(inputs):
             prompt = item.get("messages") or item.get("prompt") or item.get("text")
@@ -401,12 +412,7 @@ class GenerationTask(Task):
                     raise DataError(f"input {row + 1}, 'messages': {problem}")
             elif not isinstance(prompt, str) or not prompt.strip():
                 raise DataError(f"input {row + 1}: a generation input needs a non-empty 'prompt'")
-            if self.learned.shape == "text":
-                ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            else:
-                text = format_prompt(tokenizer, prompt, use_chat_template=chat, template=d.prompt_template,
-                                     system_prompt=d.system_prompt)
-                ids = encode_prompt(tokenizer, text, chat)
+            ids = self.prompt_ids(prompt)
             if len(ids) > d.max_length:
                 logger.warning("input %d: prompt of %d tokens keeps its last data.max_length=%d", row + 1,
                                len(ids), d.max_length)
