@@ -479,3 +479,32 @@ def test_shipped_ner_recipe() -> None:
     config = load_config(RECIPE)
     assert config.run.task == "token-classification" and config.data.source == "builtin:wnut16-ner"
     assert config.train.metric_for_best == "f1"
+
+
+def test_conll_files_load_as_sentences_and_txt_stays_plain_text(tmp_path: Path) -> None:
+    from finetune.data import load_file
+
+    rows = synthetic_ner(3)
+    loaded = load_file(write_conll(tmp_path / "ner.conll", rows))
+    assert loaded.column_names == ["tokens", "tags"] and loaded["tokens"] == [r["tokens"] for r in rows]
+    assert loaded["tags"] == [r["tags"] for r in rows]
+    as_text = load_file(write_conll(tmp_path / "ner.txt", rows))  # .txt is plain text: one row per line
+    assert as_text.column_names == ["text"] and len(as_text) > len(rows)
+    (tmp_path / "bad.conll").write_text("anna\tB-PER\nruns\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad.conll:2: expected at least 2 whitespace-separated columns"):
+        load_file(tmp_path / "bad.conll")
+
+
+@pytest.mark.real
+def test_real_minilm_tokenizer_alignment(tmp_path: Path) -> None:
+    """The recipe's own WordPiece tokenizer (uncased all-MiniLM-L6-v2): words split into several sub-tokens keep
+    their tag on the first one and come back one tag per word."""
+    config = load_config(RECIPE, [f"run.output_dir={tmp_path}"])
+    task = bound_task(config, raw=datasets.DatasetDict({"train": datasets.Dataset.from_dict(
+        {"tokens": [["x", "y"]], "tags": [["B-PER", "O"]]})}))
+    tokens = ["@justinbieber", "performs", "in", "Dortmund", "tonight", "#BieberFever", "http://t.co/x1"]
+    encoded = encode_windows(task.tokenizer, [tokens], [[0] * len(tokens)], max_length=64, stride=16,
+                             specials=task.specials)
+    assert task.specials == ([task.tokenizer.cls_token_id], [task.tokenizer.sep_token_id])
+    assert len(encoded["input_ids"][0]) > len(tokens) + 4  # several sub-tokens per word
+    assert [w for w in encoded["word_index"][0] if w >= 0] == list(range(len(tokens)))
