@@ -190,8 +190,8 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"'data.instruction' must be a text containing \{source\}"):
         load_config(RECIPE, ["data.instruction=Summarize."])
     with pytest.raises(ConfigError, match=r"'data.max_source_tokens' must be a positive number of tokens below "
-                                          r"data.max_length \(448\)"):
-        load_config(RECIPE, ["data.max_source_tokens=500"])
+                                          r"data.max_length \(384\)"):
+        load_config(RECIPE, ["data.max_source_tokens=400"])
     with pytest.raises(ConfigError, match="'data.target_column' must be the column of reference summaries"):
         load_config(RECIPE, ["data.target_column=null"])
     with pytest.raises(ConfigError, match="train.metric_for_best"):
@@ -213,4 +213,4 @@ def test_predict_rejects_an_empty_input(tiny_models: dict[str, Path], documents:
 def test_shipped_summarize_recipe() -> None:
     config = load_config(RECIPE)
     assert config.run.task == "summarization" and config.data.source == "builtin:aclsum"
-    assert config.eval.before_training and config.data.max_source_tokens == 256
+    assert config.eval.before_training and config.data.max_source_tokens == 192

@@ -65,7 +65,8 @@ def overrides(model: Path, train_file: Path, out: Path, **extra: object) -> list
         "model.name_or_path": str(model), "data.source": "files", "data.train_file": str(train_file),
         "data.validation_size": 0.2, "data.test_size": 0.2, "data.max_length": 32, "data.stride": 4,
         "train.batch_size": 8, "train.epochs": 2, "train.learning_rate": 0.01, "train.mixed_precision": "no",
-        "lora.r": 4, "lora.alpha": 8, "eval.batch_size": 16, "run.output_dir": str(out), "run.name": "tiny",
+        "lora.method": "lora", "lora.r": 4, "lora.alpha": 8, "eval.batch_size": 16, "run.output_dir": str(out),
+        "run.name": "tiny",
     }
     values.update(extra)
     return [f"{k}={'null' if v is None else v}" for k, v in values.items()]
