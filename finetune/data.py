@@ -20,13 +20,14 @@ import datasets
 
 from finetune.builtin import BUILTIN_SOURCES, load_builtin
 from finetune.config import Config, DataConfig
+from finetune.conll import read_conll
 from finetune.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-# file extension -> datasets builder
+# file extension -> datasets builder ("conll": finetune.conll's reader; .txt stays plain text, one row per line)
 FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
-                 ".txt": "text"}
+                 ".txt": "text", ".conll": "conll", ".conllu": "conll"}
 
 
 def cache_root() -> Path:
@@ -94,6 +95,8 @@ def load_file(path: Path) -> datasets.Dataset:
         raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(FILE_BUILDERS)}")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: the file is empty")
+    if builder == "conll":
+        return _read_conll_file(path)
     if path.suffix.lower() == ".json":
         squad = _read_squad_layout(path)
         if squad is not None:
@@ -139,6 +142,16 @@ def _first_bad_json_line(path: Path) -> tuple[int, str] | None:
             if not isinstance(value, dict):
                 return number, f"got {type(value).__name__}"
     return None
+
+
+def _read_conll_file(path: Path) -> datasets.Dataset:
+    """A CoNLL column file (``.conll``: word ... tag per line) or a CoNLL-U treebank (``.conllu``: UPOS tags) as
+    one row per sentence, columns ``tokens`` and ``tags`` (see ``finetune.conll``)."""
+    rows = read_conll(path)
+    features = datasets.Features({"tokens": datasets.List(datasets.Value("string")),
+                                  "tags": datasets.List(datasets.Value("string"))})
+    return datasets.Dataset.from_dict({"tokens": [r["tokens"] for r in rows], "tags": [r["tags"] for r in rows]},
+                                      features=features)
 
 
 def _read_squad_layout(path: Path) -> datasets.Dataset | None:

@@ -27,17 +27,18 @@ def load_config(recipe: str | Path | None, overrides: list[str] | None = None) -
 
 
 def foreign_keys(task: type[Task]) -> dict[str, str]:
-    """``section.key`` -> owning task, for the task-specific keys that ``task`` does not have."""
+    """``section.key`` -> the tasks that own it (``a or b`` when several share it), for the task-specific keys
+    that ``task`` does not have."""
     own = {f"data.{f.name}" for f in dataclasses.fields(task.Data)} | \
           {f"eval.{f.name}" for f in dataclasses.fields(task.Eval)}
-    owners: dict[str, str] = {}
-    for name, other in TASKS.items():
+    owners: dict[str, list[str]] = {}
+    for name, other in sorted(TASKS.items()):
         for section, cls, common in (("data", other.Data, DataConfig), ("eval", other.Eval, EvalConfig)):
             for f in dataclasses.fields(cls):
                 key = f"{section}.{f.name}"
                 if key not in own and f.name not in {g.name for g in dataclasses.fields(common)}:
-                    owners.setdefault(key, name)
-    return owners
+                    owners.setdefault(key, []).append(name)
+    return {key: " or ".join(names) for key, names in owners.items()}
 
 
 def resolve_recipe(name: str) -> tuple[Path, str]:

@@ -348,7 +348,7 @@ class TrainingRun:
             accelerator.print(f"best checkpoint: step {state.best_step} "
                               f"({self.config.train.metric_for_best} {state.best_metric:.4f})")
         result = self._evaluate(self.test_dl, "test")
-        baseline = task.baseline(self.splits["train"], self.splits["test"])
+        baseline = task.baseline(self.splits["train"], self.splits["test"], self.splits["validation"])
         if accelerator.is_main_process:
             weights = run.weights_for(self.config.lora.method)
             unwrapped.save_pretrained(str(weights), safe_serialization=True)

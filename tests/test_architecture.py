@@ -161,7 +161,7 @@ def test_what_a_task_learned_round_trips_through_json(learned: tuple[str, dict])
 def test_a_task_key_of_another_task_is_named_as_such() -> None:
     with pytest.raises(ConfigError, match="'data.question_column' belongs to task question-answering"):
         load_config(RECIPES_DIR / "classify.yaml", ["data.question_column=q"])
-    with pytest.raises(ConfigError, match="'eval.num_beams' belongs to task translation"):
+    with pytest.raises(ConfigError, match="'eval.num_beams' belongs to task summarization or translation"):
         load_config(RECIPES_DIR / "qa.yaml", ["eval.num_beams=4"])
     with pytest.raises(ConfigError, match="unknown config key 'data.colour'; known keys in 'data'"):
         load_config(RECIPES_DIR / "classify.yaml", ["data.colour=red"])

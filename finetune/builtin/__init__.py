@@ -19,6 +19,8 @@ BUILTIN_SOURCES: dict[str, str] = {
     "bible-en-es": "bible_en_es",
     "country-facts-qa": "country_facts_qa",
     "country-facts-qa-v2": "country_facts_qa",
+    "wnut16-ner": "wnut16_ner",
+    "aclsum": "acl_summaries",
 }
 # Keyword arguments for ``load`` of sources that are a variant of a module's default set.
 BUILTIN_OPTIONS: dict[str, dict[str, object]] = {

@@ -2,7 +2,7 @@
 
 The `evaluate` wheel ships no metric scripts, so `evaluate.load("accuracy")` needs the Hub. Each name in
 `LOCAL_METRICS` has a local module here (`<name>/<name>.py`) with the Hub module's inputs, kwargs and
-output keys, computed with scikit-learn, sacrebleu, rouge_score or the official SQuAD scripts' logic.
+output keys, computed with scikit-learn, sacrebleu, rouge_score, seqeval or the official SQuAD scripts' logic.
 
 Cost offline: when neither `HF_HUB_OFFLINE` nor `HF_EVALUATE_OFFLINE` is set, a Hub attempt that fails
 takes about 1.5 s (evaluate 0.4.6 then raises `FileNotFoundError`) before the local fallback; after one
@@ -37,6 +37,7 @@ LOCAL_METRICS: tuple[str, ...] = (
     "recall",
     "rouge",
     "sacrebleu",
+    "seqeval",
     "squad",
     "squad_v2",
 )

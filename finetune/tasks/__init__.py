@@ -15,12 +15,16 @@ from finetune.tasks.base import Task
 from finetune.tasks.classification import ClassificationTask
 from finetune.tasks.generation import GenerationTask
 from finetune.tasks.question_answering import QuestionAnsweringTask
+from finetune.tasks.summarization import SummarizationTask
+from finetune.tasks.token_classification import TokenClassificationTask
 from finetune.tasks.translation import TranslationTask
 
 TASKS: dict[str, type[Task]] = {
     ClassificationTask.name: ClassificationTask,
     GenerationTask.name: GenerationTask,
     QuestionAnsweringTask.name: QuestionAnsweringTask,
+    SummarizationTask.name: SummarizationTask,
+    TokenClassificationTask.name: TokenClassificationTask,
     TranslationTask.name: TranslationTask,
 }
 

@@ -187,8 +187,10 @@ class Task:
         """Gathered per-feature outputs (in feature order) -> (metrics, one prediction row per example)."""
         raise NotImplementedError
 
-    def baseline(self, train: datasets.Dataset, test: datasets.Dataset) -> dict[str, Any]:
-        """Metrics of a simple baseline that needs no training (fit on ``train`` if at all), on ``test``."""
+    def baseline(self, train: datasets.Dataset, test: datasets.Dataset,
+                 validation: datasets.Dataset | None = None) -> dict[str, Any]:
+        """Metrics of a simple baseline that needs no training, on ``test``: fit on ``train`` if at all, any
+        setting of it chosen on ``validation`` (never on ``test``)."""
         return {}
 
     @classmethod

@@ -175,7 +175,8 @@ class ClassificationTask(Task):
         }
         return scores
 
-    def baseline(self, train: datasets.Dataset, test: datasets.Dataset) -> dict[str, Any]:
+    def baseline(self, train: datasets.Dataset, test: datasets.Dataset,
+                 validation: datasets.Dataset | None = None) -> dict[str, Any]:
         """Majority class of the training split, predicted for every test example."""
         majority = collections.Counter(train["label"]).most_common(1)[0][0]
         references = np.array(test["label"])

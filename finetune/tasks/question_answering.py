@@ -259,7 +259,8 @@ class QuestionAnsweringTask(Task):
                           max_answer_length=e.max_answer_length, unanswerable=self.learned.unanswerable,
                           null_score_threshold=e.null_score_threshold)
 
-    def baseline(self, train: datasets.Dataset, test: datasets.Dataset) -> dict[str, Any]:
+    def baseline(self, train: datasets.Dataset, test: datasets.Dataset,
+                 validation: datasets.Dataset | None = None) -> dict[str, Any]:
         """A heuristic that needs no training: see :func:`overlap_answer`."""
         texts = [overlap_answer(q, c)[0] for q, c in zip(test["question"], test["context"])]
         scores = squad_scores(test["id"], texts, test["answers"], self.learned.unanswerable)
