@@ -337,7 +337,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                              max_queue=args.max_queue, max_tokens=args.max_tokens, max_inputs=args.max_inputs,
                              max_request_bytes=args.max_request_bytes, threads=args.threads)
     settings.validate()  # before the model loads
-    serve(load_for_inference(args.run_dir, revision=args.revision), args.run_dir, settings)
+    serve(load_for_inference(args.run_dir, [], revision=args.revision), args.run_dir, settings)
     return 0
 
 

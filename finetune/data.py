@@ -78,7 +78,7 @@ def _load_files(cfg: DataConfig) -> datasets.DatasetDict:
     for split, (key, path) in files.items():
         if path is None:
             continue
-        if not Path(path).is_file():  # e.g. a run pulled from the Hub names its data files without directories
+        if not Path(path).exists():  # e.g. a run pulled from the Hub names its data files without directories
             raise DataError(f"data file not found: {path} (data.{key}; give data.{key}=PATH to where it is)")
         splits[split] = load_file(Path(path))
     return datasets.DatasetDict(splits)

@@ -89,7 +89,7 @@ CASES: dict[str, tuple[Args, list[str]]] = {
     "recipe-is-a-list": (lambda ws: ["train", str(ws / "list.yaml")], ["list.yaml: a recipe must be a mapping"]),
     "recipe-missing": (lambda ws: ["train", str(ws / "nothere.yaml")], ["recipe file not found"]),
     # --- data ---
-    "unknown-builtin": (lambda ws: train(ws, "unknown-builtin", "data.source=builtin:imdb"),
+    "unknown-builtin": (lambda ws: train(ws, "unknown-builtin", "data.source=builtin:imdb", "data.train_file=null"),
                         ["unknown built-in dataset 'imdb'"]),
     "empty-file": (lambda ws: train(ws, "empty-file", data="empty.csv"), ["empty.csv: the file is empty"]),
     "latin-1": (lambda ws: train(ws, "latin-1", data="latin.csv"), ["latin.csv: not UTF-8"]),

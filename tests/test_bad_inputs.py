@@ -49,7 +49,7 @@ CLASSIFICATION_CASES = {
     "unknown built-in dataset": (lambda f: ["data.source=builtin:imdb"], ["unknown built-in dataset 'imdb'"]),
     "model path that does not exist": (lambda f: ["model.name_or_path=/no/such/model"],
                                        ["model path does not exist: /no/such/model"]),
-    "unknown task": (lambda f: ["run.task=summarization"], ["'run.task' must be one of"]),
+    "unknown task": (lambda f: ["run.task=segmentation"], ["'run.task' must be one of"]),
     "wrong type": (lambda f: ["train.epochs=[1]"], ["'train.epochs' expects a number"]),
     "impossible value": (lambda f: ["data.validation_size=0.6", "data.test_size=0.6"],
                          ["'data.test_size' must be such that validation_size + test_size < 1"]),

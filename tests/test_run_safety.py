@@ -76,7 +76,8 @@ def test_a_pulled_run_never_runs_the_code_its_config_asks_for(hub_server: HubSer
     assert "sets model.allow_pickle: true" in predicted.stderr
     assert predicted.returncode == 0 and "Traceback" not in predicted.stderr, predicted.stderr[-2000:]
     assert json.loads(predicted.stdout.splitlines()[0])["text"] == "a good movie"
-    evaluated = cli("eval", "test-user/evil-run", EVIL_MARKER=str(marker))
+    # A push carries no local paths, so the user says where the run's data lives.
+    evaluated = cli("eval", "test-user/evil-run", f"data.train_file={data}", EVIL_MARKER=str(marker))
     assert evaluated.returncode == 0 and not marker.exists(), evaluated.stderr[-2000:]
 
     # The user's own command line is what may allow it (and then the code does run: the gate is real).

@@ -352,7 +352,8 @@ def test_hub_layout_with_class_label_ids(tiny_bert: Path, tmp_path: Path) -> Non
         {"id": ["0", "1"], "tokens": [["EU", "rejects", "German", "call"], ["Peter", "Blackburn"]],
          "ner_tags": [[3, 0, 7, 0], [1, 2]]}, features=features)})
     config = load_config(RECIPE, overrides(tiny_bert, tmp_path / "unused", tmp_path,
-                                           **{"data.source": "conll2003", "data.tags_column": "ner_tags"}))
+                                           **{"data.source": "conll2003", "data.train_file": None,
+                                              "data.tags_column": "ner_tags"}))
     task = bound_task(config, raw=raw)
     assert task.learned.tags == tuple(names)  # the ClassLabel's order, unused tags included
     prepared = task.prepare(raw)["train"]
