@@ -380,9 +380,9 @@ def describe_lengths(lengths: dict[str, dict[str, Any]]) -> list[str]:
 
 # --- policies and counters ----------------------------------------------------------------------------
 # ``train.epochs: auto``, tuned on data sets of several sizes (bench/auto_defaults.py prints the evidence):
-AUTO_MIN_STEPS = 300
+AUTO_MIN_STEPS = 200
 """Floor: a small training split is seen for at least this many optimizer steps (several epochs)."""
-AUTO_MAX_STEPS = 600
+AUTO_MAX_STEPS = 500
 """Cap: a large training split is not seen for more than this many optimizer steps (less than an epoch)."""
 AUTO_MAX_EPOCHS = 20
 """The floor never makes more passes than this over a tiny training split."""

@@ -92,9 +92,9 @@ class ClassificationLearned(Learned):
     labels: tuple[str, ...]
     """Class names in head order: the training split's ClassLabel names, or its label values sorted (numbers
     as numbers); empty for regression."""
-    problem_type: str
+    problem_type: str = "single_label"
     """``single_label``, ``multi_label`` or ``regression``."""
-    max_length: int
+    max_length: int = 128
     """Tokens per example: ``data.max_length``, or what ``auto`` chose from the training texts."""
     thresholds: tuple[float, ...] = ()
     """Multi-label: one decision threshold per label, tuned on the validation split after training (empty before:
