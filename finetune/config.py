@@ -302,6 +302,8 @@ def parse_override(item: str) -> tuple[str, Any]:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
         value = text  # an unparsable value stays a string; type checking judges it
+    if value == "" and text.strip() not in ('""', "''"):
+        value = text.strip()  # YAML reads a bare | or > as an empty block: keep the character (a separator)
     return key, value
 
 

@@ -226,9 +226,9 @@ Best checkpoint at step {summary['best_step']} of {summary['global_step']}
 (validation {config.train.metric_for_best} = {_fmt(summary['best_validation'][config.train.metric_for_best])}).
 
 ## Training
-{config.train.epochs} epoch(s) or {config.train.max_steps or '-'} steps, batch {config.train.batch_size} x
+{summary.get('training_length') or f"{config.train.epochs} epoch(s) or {config.train.max_steps or '-'} steps"}, batch {config.train.batch_size} x
 {config.train.gradient_accumulation_steps} accumulation, learning rate {config.train.learning_rate}
-({config.train.scheduler}, warmup {config.train.warmup_ratio}), max length {config.data.max_length}.
+({config.train.scheduler}, warmup {config.train.warmup_ratio}), max length {_max_length(config, summary)}.
 The full resolved configuration is in `config.yaml`.
 
 ## How to load it
@@ -314,6 +314,18 @@ finetune merge {where} --out merged/          # one plain transformers model, no
 ```python
 {code}
 ```"""
+
+
+def _max_length(config: Config, summary: dict[str, Any]) -> str:
+    """``data.max_length``, with the number ``auto`` chose and how many test inputs it cut."""
+    lengths = summary.get("lengths") or {}
+    test = lengths.get("test") or {}
+    text = str(config.data.max_length)
+    if lengths.get("max_length") is not None and str(lengths["max_length"]) != text:
+        text += f" -> {lengths['max_length']}"
+    if test.get("examples"):
+        text += f" (test inputs: p95 {test['p95']:g} tokens, {test['truncated']} of {test['examples']} truncated)"
+    return text
 
 
 def _fmt(value: Any) -> str:

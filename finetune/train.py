@@ -350,7 +350,9 @@ class TrainingRun:
             "training_length": self.schedule.describe(),
         }
         if self.lengths:
-            summary["lengths"] = self.lengths
+            # The number of tokens inputs were cut to (what data.max_length=auto chose, where the task learned one).
+            chosen = getattr(self.task.learned, "max_length", self.config.data.max_length)
+            summary["lengths"] = {"max_length": chosen, **self.lengths}
         return summary
 
 

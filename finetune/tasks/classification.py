@@ -366,6 +366,8 @@ class ClassificationTask(Task):
             predictions = self._destandardize(outputs["logits"])
             truth = np.asarray(references, dtype=np.float64)
             metrics.update(regression_scores(predictions, truth))
+            for name in ("pearson", "spearman"):  # constant predictions: no correlation (a number, to rank checkpoints)
+                metrics[name] = 0.0 if metrics[name] is None else metrics[name]
             for row, y, p in zip(rows, truth, predictions):
                 row.update(label=float(y), prediction=round(float(p), 6), error=round(float(p - y), 6))
         elif self.kind == "multi_label":
