@@ -260,7 +260,7 @@ def group_split(dataset: datasets.Dataset, share: float, seed: int, stratify_col
     rows closer to the target. Returns ``train`` and ``test`` like ``Dataset.train_test_split``."""
     if GROUP not in dataset.column_names:
         raise DataError(f"data.group_column is set but the prepared examples have no {GROUP!r} column")
-    groups = dataset[GROUP]
+    groups = dataset[GROUP][:]  # a list: per-row access to a lazy column of split data is slow
     if any(g is None or (isinstance(g, str) and not g.strip()) for g in groups):
         row = next(i for i, g in enumerate(groups) if g is None or (isinstance(g, str) and not g.strip()))
         raise DataError(f"row {row + 1}, data.group_column: empty group; every row needs one")
@@ -269,7 +269,7 @@ def group_split(dataset: datasets.Dataset, share: float, seed: int, stratify_col
         rows_of[group].append(row)
     if len(rows_of) < 2:
         raise DataError(f"data.group_column: only {len(rows_of)} group; need at least 2 to hold out a {name} split")
-    classes = dataset[stratify_column] if stratify_column and isinstance(
+    classes = dataset[stratify_column][:] if stratify_column and isinstance(
         dataset.features.get(stratify_column), datasets.ClassLabel) else None
     buckets: dict[Any, list[Any]] = collections.defaultdict(list)
     for group, rows in rows_of.items():

@@ -362,7 +362,7 @@ def length_report(features: datasets.DatasetDict) -> dict[str, dict[str, Any]]:
     report_ = {}
     for name, split in features.items():
         if INPUT_LENGTH in split.column_names:
-            full, kept = np.asarray(split[INPUT_LENGTH]), np.asarray(split["length"])
+            full, kept = np.asarray(split[INPUT_LENGTH][:]), np.asarray(split["length"][:])
             summary = length_summary(full)
             summary["truncated"] = int((full > kept).sum())
             report_[name] = summary

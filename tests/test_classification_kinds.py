@@ -195,6 +195,9 @@ def test_multi_label_predictions_and_bad_labels(multi_label_run: Path, tmp_path:
     assert main(["eval", str(multi_label_run), "--file", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "row 2" in err and "'splendid' is not among the training labels" in err
+    ungrouped = write_jsonl(tmp_path / "ungrouped.jsonl", [{"text": "a good day", "tags": ["good"]},
+                                                           {"text": "an awful table", "tags": ["bad", "thing"]}])
+    assert main(["eval", str(multi_label_run), "--file", str(ungrouped)]) == 0  # a test file needs no group
 
 
 def test_single_label_run_shows_mistakes_and_predicts_on_its_own_columns(tiny_bert: Path, tmp_path: Path,

@@ -148,7 +148,7 @@ class ClassificationTask(Task):
         require_columns(train, self._column_keys(), where)
         kind = self._problem_type(train, where)
         _check_metric_for_best(self.config.train.metric_for_best, kind, d.label_column)
-        values = train[d.label_column]
+        values = train[d.label_column][:]
         labels: list[str] = []
         mean, std = 0.0, 1.0
         if kind == "regression":
@@ -185,7 +185,7 @@ class ClassificationTask(Task):
         if d.label_separator is not None or _is_list_feature(feature):
             return "multi_label"
         if isinstance(feature, datasets.Value) and feature.dtype.startswith("float"):
-            if any(v is not None and not float(v).is_integer() for v in train[d.label_column]):
+            if any(v is not None and not float(v).is_integer() for v in train[d.label_column][:]):
                 return "regression"
         return "single_label"
 
@@ -199,8 +199,8 @@ class ClassificationTask(Task):
             return min(int(d.max_length), limit)
         sample = train if len(train) <= LENGTH_SAMPLE else train.shuffle(seed=self.config.run.seed).select(
             range(LENGTH_SAMPLE))
-        texts = [t if isinstance(t, str) else "" for t in sample[d.text_column]]
-        pairs = [t if isinstance(t, str) else "" for t in sample[d.text_pair_column]] if d.text_pair_column else None
+        texts = [t if isinstance(t, str) else "" for t in sample[d.text_column][:]]
+        pairs = [t if isinstance(t, str) else "" for t in sample[d.text_pair_column][:]] if d.text_pair_column else None
         lengths = token_counts(tokenizer, texts, pairs)
         chosen = auto_max_length(lengths, limit)
         p95 = float(np.percentile(lengths, 95))
@@ -235,8 +235,10 @@ class ClassificationTask(Task):
         result = {}
         for split, dataset in raw.items():
             where = describe_split(raw, split, d)
-            require_columns(dataset, self._column_keys(), where)
-            keep = list(dict.fromkeys(columns + [d.label_column] + ([d.group_column] if d.group_column else [])))
+            # Groups matter where held-out splits are carved (train, checked in learn); a test file needs none.
+            grouped = d.group_column is not None and d.group_column in dataset.column_names
+            require_columns(dataset, {k: v for k, v in self._column_keys().items() if v != "data.group_column"}, where)
+            keep = list(dict.fromkeys(columns + [d.label_column] + ([d.group_column] if grouped else [])))
             dataset = dataset.select_columns(keep)
             for column in columns:
                 _check_texts(dataset, column, where)
@@ -245,7 +247,7 @@ class ClassificationTask(Task):
 
     def _encode(self, dataset: datasets.Dataset, where: str) -> datasets.Dataset:
         d, names = self.data, list(self.learned.labels)
-        values = dataset[d.label_column]
+        values = dataset[d.label_column][:]
         if self.kind == "regression":
             encoded, feature = [_number(v, row, d.label_column, where) for row, v in enumerate(values)], \
                 datasets.Value("float64")
@@ -271,8 +273,9 @@ class ClassificationTask(Task):
                     raise DataError(f"{where}: row {row + 1}, column {d.label_column!r}: label {value!r} is not among "
                                     f"the training labels ({', '.join(names)})")
             encoded, feature = [index[v] for v in labels], datasets.ClassLabel(names=names)
-        group = dataset[d.group_column] if d.group_column else None
-        dataset = dataset.remove_columns([c for c in (d.label_column, d.group_column) if c])
+        grouped = d.group_column is not None and d.group_column in dataset.column_names
+        group = dataset[d.group_column][:] if grouped else None
+        dataset = dataset.remove_columns([d.label_column] + ([d.group_column] if grouped else []))
         renames = {d.text_column: "text"} | ({d.text_pair_column: "text_pair"} if d.text_pair_column else {})
         dataset = dataset.rename_columns({k: v for k, v in renames.items() if k != v})
         if group is not None:
@@ -284,18 +287,18 @@ class ClassificationTask(Task):
         for name, split in splits.items():
             text = f"{name}: {len(split)} examples"
             if GROUP in split.column_names:
-                text += f" in {len(set(split[GROUP]))} groups"
+                text += f" in {len(set(split[GROUP][:]))} groups"
             if self.kind == "regression":
-                y = np.asarray(split["label"], dtype=float)
+                y = np.asarray(split["label"][:], dtype=float)
                 text += f" (label mean {y.mean():.4g}, std {y.std():.4g}, min {y.min():.4g}, max {y.max():.4g})"
             elif self.kind == "multi_label":
-                hot = np.asarray(split["label"]).reshape(len(split), -1)
+                hot = np.asarray(split["label"][:]).reshape(len(split), -1)
                 counts = hot.sum(0).astype(int)
                 parts = ", ".join(f"{label} {c}" for label, c in zip(self.learned.labels, counts))
                 text += (f" ({hot.sum(1).mean():.2f} labels each, {int((hot.sum(1) == 0).sum())} with none; "
                          f"{parts})")
             else:
-                counts = collections.Counter(split["label"])
+                counts = collections.Counter(split["label"][:])
                 text += " (" + ", ".join(f"{label} {counts.get(i, 0)}" for i, label in
                                          enumerate(self.learned.labels)) + ")"
             lines.append(text)
@@ -355,13 +358,10 @@ class ClassificationTask(Task):
     def compute_metrics(self, outputs: dict[str, np.ndarray], examples: datasets.Dataset,
                         features: datasets.Dataset) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         metrics: dict[str, Any] = {"loss": float(outputs["loss"].mean())}
-        references = examples["label"]
-        rows = []
-        for i in range(len(examples)):
-            row = {"text": examples[i]["text"]}
-            if "text_pair" in examples.column_names:
-                row["text_pair"] = examples[i]["text_pair"]
-            rows.append(row)
+        references = examples["label"][:]
+        pairs = examples["text_pair"][:] if "text_pair" in examples.column_names else None
+        rows = [{"text": text} | ({"text_pair": pairs[i]} if pairs is not None else {})
+                for i, text in enumerate(examples["text"][:])]
         if self.kind == "regression":
             predictions = self._destandardize(outputs["logits"])
             truth = np.asarray(references, dtype=np.float64)
@@ -435,20 +435,20 @@ class ClassificationTask(Task):
         """Majority class; multi-label: the constant label set best by training micro-F1; regression: the training
         mean. Predicted for every test example."""
         if self.kind == "regression":
-            mean = float(np.mean(np.asarray(train["label"], dtype=np.float64)))
-            truth = np.asarray(test["label"], dtype=np.float64)
+            mean = float(np.mean(np.asarray(train["label"][:], dtype=np.float64)))
+            truth = np.asarray(test["label"][:], dtype=np.float64)
             scores = regression_scores(np.full_like(truth, mean), truth)
             return {"name": f"training mean ({mean:.4g})", **{k: scores[k] for k in ("mse", "mae", "rmse")}}
         if self.kind == "multi_label":
-            frequencies = np.asarray(train["label"]).reshape(len(train), -1).mean(0)
+            frequencies = np.asarray(train["label"][:]).reshape(len(train), -1).mean(0)
             chosen = best_constant_labels(frequencies)
-            truth = np.asarray(test["label"]).reshape(len(test), -1).astype(bool)
+            truth = np.asarray(test["label"][:]).reshape(len(test), -1).astype(bool)
             scores = multi_label_scores(np.broadcast_to(chosen, truth.shape), truth, self.learned.labels)
             names = [n for n, c in zip(self.learned.labels, chosen) if c]
             return {"name": f"constant label set ({', '.join(names) or 'none'}) by training frequency",
                     **{k: scores[k] for k in METRICS["multi_label"] if k in scores}}
-        majority = collections.Counter(train["label"]).most_common(1)[0][0]
-        references = np.array(test["label"])
+        majority = collections.Counter(train["label"][:]).most_common(1)[0][0]
+        references = np.array(test["label"][:])
         scores = self._scores(np.full_like(references, majority), references)
         return {"name": f"majority class ({self.learned.labels[majority]})", "accuracy": scores["accuracy"],
                 "macro_f1": scores["macro_f1"]}
@@ -467,16 +467,16 @@ class ClassificationTask(Task):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             if self.kind == "regression":
-                y = np.asarray(train["label"], dtype=np.float64)
-                y_valid = np.asarray(validation["label"], dtype=np.float64)
+                y = np.asarray(train["label"][:], dtype=np.float64)
+                y_valid = np.asarray(validation["label"][:], dtype=np.float64)
                 best = min(((Ridge(alpha=a).fit(x_train, y), a) for a in (0.3, 1.0, 3.0)),
                            key=lambda m: float(np.mean((m[0].predict(x_valid) - y_valid) ** 2)))
-                scores = regression_scores(best[0].predict(x_test), np.asarray(test["label"], dtype=np.float64))
+                scores = regression_scores(best[0].predict(x_test), np.asarray(test["label"][:], dtype=np.float64))
                 return {"name": name + f"ridge regression (alpha {best[1]:g})",
                         **{k: scores[k] for k in ("mse", "mae", "rmse", "pearson", "spearman")}}
             if self.kind == "multi_label":
-                y = np.asarray(train["label"]).reshape(len(train), -1).astype(int)
-                valid_truth = np.asarray(validation["label"]).reshape(len(validation), -1).astype(bool)
+                y = np.asarray(train["label"][:]).reshape(len(train), -1).astype(int)
+                valid_truth = np.asarray(validation["label"][:]).reshape(len(validation), -1).astype(bool)
                 valid_probs, test_probs = np.zeros(valid_truth.shape), np.zeros((len(test), y.shape[1]))
                 for j in range(y.shape[1]):
                     if y[:, j].min() == y[:, j].max():  # a label always (or never) present in train: a constant
@@ -486,15 +486,15 @@ class ClassificationTask(Task):
                     valid_probs[:, j] = model.predict_proba(x_valid)[:, 1]
                     test_probs[:, j] = model.predict_proba(x_test)[:, 1]
                 thresholds = tune_thresholds(valid_probs, valid_truth)
-                truth = np.asarray(test["label"]).reshape(len(test), -1).astype(bool)
+                truth = np.asarray(test["label"][:]).reshape(len(test), -1).astype(bool)
                 scores = multi_label_scores(test_probs >= thresholds, truth, self.learned.labels)
                 return {"name": name + "logistic regression per label (thresholds tuned on validation)",
                         **{k: scores[k] for k in METRICS["multi_label"] if k in scores}}
-            y, y_valid = np.asarray(train["label"]), np.asarray(validation["label"])
+            y, y_valid = np.asarray(train["label"][:]), np.asarray(validation["label"][:])
             metric = self.config.train.metric_for_best if self.config.train.metric_for_best != "loss" else "macro_f1"
             fitted = [LogisticRegression(C=c, solver="saga", max_iter=1000).fit(x_train, y) for c in (1.0, 4.0, 16.0)]
             best = max(fitted, key=lambda m: self._scores(m.predict(x_valid), y_valid)[metric])
-            scores = self._scores(best.predict(x_test), np.asarray(test["label"]))
+            scores = self._scores(best.predict(x_test), np.asarray(test["label"][:]))
             return {"name": name + f"logistic regression (C {best.C:g})", "accuracy": scores["accuracy"],
                     "macro_f1": scores["macro_f1"]}
 
@@ -668,10 +668,10 @@ def _tfidf(train: datasets.Dataset):
     from sklearn.feature_extraction.text import TfidfVectorizer
 
     columns = ["text"] + (["text_pair"] if "text_pair" in train.column_names else [])
-    fitted = {c: TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1).fit(train[c]) for c in columns}
+    fitted = {c: TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1).fit(train[c][:]) for c in columns}
 
     def vectorize(dataset: datasets.Dataset):
-        parts = [fitted[c].transform(dataset[c]) for c in columns]
+        parts = [fitted[c].transform(dataset[c][:]) for c in columns]
         return parts[0] if len(parts) == 1 else hstack(parts).tocsr()
 
     return vectorize
@@ -730,10 +730,10 @@ def _label_names(dataset: datasets.Dataset, column: str, where: str) -> list[str
     feature = dataset.features[column]
     if isinstance(feature, datasets.ClassLabel):
         return list(feature.names)
-    _check_single_labels(dataset[column], column, where)
-    names = {_label_name(v) for v in dataset[column]}
+    _check_single_labels(dataset[column][:], column, where)
+    names = {_label_name(v) for v in dataset[column][:]}
     if "" in names:
-        row = next(i for i, v in enumerate(dataset[column]) if _label_name(v) == "")
+        row = next(i for i, v in enumerate(dataset[column][:]) if _label_name(v) == "")
         raise DataError(f"{where}: row {row + 1}, column {column!r}: empty label")
     return sorted(names, key=_label_order)
 
@@ -756,6 +756,6 @@ def _is_number(text: str) -> bool:
 
 def _check_texts(dataset: datasets.Dataset, column: str, where: str) -> None:
     """Texts must be strings; an empty or missing text is a user error naming the row."""
-    for row, value in enumerate(dataset[column]):
+    for row, value in enumerate(dataset[column][:]):
         if not isinstance(value, str) or not value.strip():
             raise DataError(f"{where}: row {row + 1}, column {column!r}: empty or missing text ({value!r})")
