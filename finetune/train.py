@@ -318,8 +318,8 @@ class TrainingRun:
             # Decision thresholds and the like are tuned on validation only, then applied to the test split.
             task.calibrate(self._evaluate(self.valid_dl, "validation").outputs)
         result = self._evaluate(self.test_dl, "test")
-        baselines = task.baselines(self.splits)
         if accelerator.is_main_process:
+            baselines = task.baselines(self.splits)  # TF-IDF fits take a while: once, where the report is written
             weights = run.weights_for(self.config.lora.method)
             unwrapped.save_pretrained(str(weights), safe_serialization=True)
             task.tokenizer.save_pretrained(str(weights))
