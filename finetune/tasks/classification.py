@@ -485,7 +485,7 @@ class ClassificationTask(Task):
                     if y[:, j].min() == y[:, j].max():  # a label always (or never) present in train: a constant
                         valid_probs[:, j] = test_probs[:, j] = float(y[0, j])
                         continue
-                    model = LogisticRegression(C=4.0, solver="saga", max_iter=1000).fit(x_train, y[:, j])
+                    model = LogisticRegression(C=4.0, solver="saga", max_iter=1000, random_state=0).fit(x_train, y[:, j])
                     valid_probs[:, j] = model.predict_proba(x_valid)[:, 1]
                     test_probs[:, j] = model.predict_proba(x_test)[:, 1]
                 thresholds = tune_thresholds(valid_probs, valid_truth)
@@ -495,7 +495,7 @@ class ClassificationTask(Task):
                         **{k: scores[k] for k in METRICS["multi_label"] if k in scores}}
             y, y_valid = np.asarray(train["label"][:]), np.asarray(validation["label"][:])
             metric = self.config.train.metric_for_best if self.config.train.metric_for_best != "loss" else "macro_f1"
-            fitted = [LogisticRegression(C=c, solver="saga", max_iter=1000).fit(x_train, y) for c in (1.0, 4.0, 16.0)]
+            fitted = [LogisticRegression(C=c, solver="saga", max_iter=1000, random_state=0).fit(x_train, y) for c in (1.0, 4.0, 16.0)]
             best = max(fitted, key=lambda m: self._scores(m.predict(x_valid), y_valid)[metric])
             scores = self._scores(best.predict(x_test), np.asarray(test["label"][:]))
             return {"name": name + f"logistic regression (C {best.C:g})", "accuracy": scores["accuracy"],
