@@ -107,11 +107,19 @@ def test_group_column_is_refused_by_a_task_that_drops_it() -> None:
 def test_thresholds_are_tuned_per_label_on_the_given_outputs() -> None:
     probabilities = np.array([[0.9, 0.2], [0.7, 0.35], [0.4, 0.3], [0.2, 0.1]])
     truth = np.array([[1, 1], [1, 1], [0, 0], [0, 0]], dtype=bool)
-    thresholds = tune_thresholds(probabilities, truth)
-    assert thresholds[0] == 0.5  # 0.45..0.7 all separate label 0 perfectly: the one closest to 0.5
-    # label 1: any threshold in (0.1, 0.2] keeps 2 of 2 positives and 1 false one (F1 0.8), better than (0.3, 0.35]
-    assert thresholds[1] == pytest.approx(0.2)
-    assert tune_thresholds(probabilities, np.zeros_like(truth))[0] == 0.5  # no positive example: 0.5
+    for objective in ("macro_f1", "micro_f1"):
+        thresholds = tune_thresholds(probabilities, truth, objective)
+        assert thresholds[0] == 0.5  # 0.45..0.7 all separate label 0 perfectly: the one closest to 0.5
+        # label 1: a threshold in (0.1, 0.2] keeps 2 of 2 positives and 1 false one (F1 0.8; micro-F1 8/9), better
+        # than (0.3, 0.35] (F1 2/3; micro-F1 6/7)
+        assert thresholds[1] == pytest.approx(0.2)
+    assert tune_thresholds(probabilities, np.zeros_like(truth), "macro_f1")[0] == 0.5  # no positive example: 0.5
+    # A label the model did not learn (rare, all scores low): its own best F1 says "predict it everywhere"; micro-F1
+    # keeps it rare.
+    rare = np.array([[0.1, 0.9]] * 9 + [[0.12, 0.9]])
+    rare_truth = np.array([[0, 1]] * 9 + [[1, 1]], dtype=bool)
+    assert tune_thresholds(rare, rare_truth, "macro_f1")[0] <= 0.1
+    assert tune_thresholds(rare, rare_truth, "micro_f1")[0] >= 0.15
 
 
 def test_multi_label_scores_by_hand() -> None:
@@ -172,7 +180,8 @@ def test_multi_label_thresholds_come_from_the_validation_split_only(multi_label_
     assert saved["problem_type"] == "multi_label" and saved["labels"] == ["bad", "good", "thing"]
     run = load_run(multi_label_run)
     validation = evaluate_run(run, split="validation")
-    expected = tune_thresholds(1 / (1 + np.exp(-validation.outputs["logits"])), validation.outputs["labels"] > 0.5)
+    expected = tune_thresholds(1 / (1 + np.exp(-validation.outputs["logits"])), validation.outputs["labels"] > 0.5,
+                               "micro_f1")  # train.metric_for_best
     assert saved["thresholds"] == pytest.approx(expected.tolist())
     metrics = json.loads((multi_label_run / "metrics.json").read_text())
     test = metrics["test"]

@@ -418,11 +418,17 @@ class ClassificationTask(Task):
         }
         return scores
 
+    @property
+    def _threshold_objective(self) -> str:
+        """What multi-label thresholds maximise on validation: ``train.metric_for_best``, or micro-F1 for loss."""
+        metric = self.config.train.metric_for_best
+        return metric if metric in METRICS["multi_label"] and metric != "loss" else "micro_f1"
+
     def calibrate(self, outputs: dict[str, np.ndarray]) -> None:
-        """Multi-label: one threshold per label, the one with the best F1 of that label on the validation outputs."""
+        """Multi-label: one threshold per label tuned on the validation outputs for ``_threshold_objective``."""
         if self.kind != "multi_label":
             return
-        thresholds = tune_thresholds(_sigmoid(outputs["logits"]), outputs["labels"] > 0.5)
+        thresholds = tune_thresholds(_sigmoid(outputs["logits"]), outputs["labels"] > 0.5, self._threshold_objective)
         self._relearn(dataclasses.replace(self.learned, thresholds=tuple(float(t) for t in thresholds)))
 
     # --- baselines -------------------------------------------------------------------------------
@@ -488,7 +494,7 @@ class ClassificationTask(Task):
                     model = LogisticRegression(C=4.0, solver="saga", max_iter=1000, random_state=0).fit(x_train, y[:, j])
                     valid_probs[:, j] = model.predict_proba(x_valid)[:, 1]
                     test_probs[:, j] = model.predict_proba(x_test)[:, 1]
-                thresholds = tune_thresholds(valid_probs, valid_truth)
+                thresholds = tune_thresholds(valid_probs, valid_truth, self._threshold_objective)
                 truth = np.asarray(test["label"][:]).reshape(len(test), -1).astype(bool)
                 scores = multi_label_scores(test_probs >= thresholds, truth, self.learned.labels)
                 return {"name": name + "logistic regression per label (thresholds tuned on validation)",
@@ -601,22 +607,38 @@ def multi_label_scores(predicted: np.ndarray, truth: np.ndarray, labels: tuple[s
             "examples_without_labels": int((truth.sum(1) == 0).sum()), "per_label": per_label}
 
 
-def tune_thresholds(probabilities: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """Per label, the threshold in ``THRESHOLD_GRID`` with the best F1 of that label (ties: the one closest to 0.5;
-    0.5 for a label with no positive example)."""
-    probabilities, truth = np.asarray(probabilities), np.asarray(truth, dtype=bool)
+def tune_thresholds(probabilities: np.ndarray, truth: np.ndarray, objective: str = "micro_f1") -> np.ndarray:
+    """One threshold per label from ``THRESHOLD_GRID`` (ties: the one closest to 0.5).
+
+    ``macro_f1``: each label's own best F1 (0.5 for a label with no positive example). Otherwise (``micro_f1``,
+    ``samples_f1``, ``subset_accuracy``) coordinate ascent on that metric over all labels, from 0.5, two passes:
+    a label the model did not learn then keeps a threshold that does not flood every example with it (its own
+    best F1 would often be "predict it everywhere")."""
+    probabilities, truth = np.asarray(probabilities, dtype=np.float64), np.asarray(truth, dtype=bool)
     chosen = np.full(probabilities.shape[1], 0.5)
     order = sorted(THRESHOLD_GRID, key=lambda t: abs(t - 0.5))
-    for j in range(probabilities.shape[1]):
-        if not truth[:, j].any():
-            continue
-        best = -1.0
-        for t in order:
-            predicted = probabilities[:, j] >= t
-            tp = int((predicted & truth[:, j]).sum())
-            f1 = 2 * tp / (predicted.sum() + truth[:, j].sum())
-            if f1 > best + 1e-12:
-                best, chosen[j] = f1, float(t)
+    if objective == "macro_f1":
+        for j in range(probabilities.shape[1]):
+            if not truth[:, j].any():
+                continue
+            best = -1.0
+            for t in order:
+                predicted = probabilities[:, j] >= t
+                f1 = 2 * int((predicted & truth[:, j]).sum()) / (predicted.sum() + truth[:, j].sum())
+                if f1 > best + 1e-12:
+                    best, chosen[j] = f1, float(t)
+        return chosen
+    labels = tuple(str(j) for j in range(probabilities.shape[1]))
+    best = multi_label_scores(probabilities >= chosen, truth, labels)[objective]
+    for _ in range(2):
+        for j in range(probabilities.shape[1]):
+            current = chosen[j]
+            for t in order:
+                chosen[j] = t
+                score = multi_label_scores(probabilities >= chosen, truth, labels)[objective]
+                if score > best + 1e-12:
+                    best, current = score, float(t)
+            chosen[j] = current
     return chosen
 
 
