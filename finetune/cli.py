@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help=RUN_OVERRIDES_HELP)
     p.add_argument("--split", choices=["test", "validation"], default="test")
     p.add_argument("--file", type=Path, help="evaluate on this labelled file instead of the run's data")
+    p.add_argument("--output", type=Path, help="write one prediction per row (jsonl) here")
     p.set_defaults(handler=cmd_eval)
 
     p = sub.add_parser("predict", parents=[common], help="predict with a finished run")
@@ -90,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", help="branch, tag or commit of a Hub run")
     for field, about in INPUT_FIELDS.items():
         p.add_argument(f"--{field.replace('_', '-')}", action="append", help=f"{about} (repeatable)")
-    p.add_argument("--input", type=Path, help="csv/json/jsonl/parquet/txt file of inputs, one per row")
+    p.add_argument("--input", type=Path, help="csv/json/jsonl/parquet/txt file of inputs, one per row, in the run's "
+                                              "training format (its own column names), or - for standard input "
+                                              "(JSON lines, or one text per line)")
     p.add_argument("--output", type=Path, help="write predictions as jsonl here (default: stdout)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="write generated tokens to stderr as they come (default: when stderr is a terminal); "
@@ -224,6 +227,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate_run(run, split=args.split, file=args.file)
     print(f"{args.file or args.split}: {format_metrics(result.metrics)}")
     print(json.dumps({k: v for k, v in result.metrics.items() if k != "eval_seconds"}, indent=2))
+    if args.output:
+        write_rows(args.output, result.predictions)
+        print(f"{len(result.predictions)} predictions written to {args.output}", file=sys.stderr)
     return 0
 
 
@@ -232,6 +238,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.output is not None:
         check_writable(args.output, "--output")
     run = load_for_inference(args.run_dir, [*args.overrides, *generation_overrides(args)], revision=args.revision)
+    if args.input:
+        inputs = match_input_columns(inputs, run.task.predict_columns(), str(args.input))
     stream = sys.stderr if args.stream or (args.stream is None and sys.stderr.isatty()) else None
     predictions = run.task.predict(run.model, inputs, stream=stream)
     out = args.output.open("w", encoding="utf-8") if args.output else sys.stdout
@@ -296,10 +304,60 @@ def read_inputs(args: argparse.Namespace) -> list[dict[str, Any]]:
         count = next(iter(counts.values()))
         return [{field: values[i] for field, values in given.items()} for i in range(count)]
     if args.input:
+        return read_input_file(args.input)
+    raise ConfigError("nothing to predict: give --input FILE or " + " / ".join(f"--{f}" for f in INPUT_FIELDS))
+
+
+def read_input_file(path: Path) -> list[dict[str, Any]]:
+    """``--input``: a csv/json/jsonl/parquet/txt file, or ``-``: standard input as JSON lines (one object per line)
+    or, when its first line is not a JSON object, one text per line."""
+    if str(path) != "-":
         from finetune.data import load_file
 
-        return [dict(row) for row in load_file(args.input)]
-    raise ConfigError("nothing to predict: give --input FILE or " + " / ".join(f"--{f}" for f in INPUT_FIELDS))
+        return [dict(row) for row in load_file(path)]
+    lines = [line for line in sys.stdin.read().splitlines() if line.strip()]
+    if not lines:
+        raise ConfigError("--input -: standard input is empty")
+    if not lines[0].lstrip().startswith("{"):
+        return [{"text": line} for line in lines]
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise ConfigError(f"--input -: line {number} is not JSON ({exc}); give JSON lines or one text per line")
+        if not isinstance(row, dict):
+            raise ConfigError(f"--input -: line {number} is not a JSON object")
+        rows.append(row)
+    return rows
+
+
+def match_input_columns(rows: list[dict[str, Any]], columns: dict[str, str], where: str) -> list[dict[str, Any]]:
+    """Read each input field from the run's own column (``columns``: field -> column, e.g. text -> review), or
+    from a column named like the field; say on stderr which column was used."""
+    present = set().union(*(row.keys() for row in rows)) if rows else set()
+    renames = {}
+    for field, column in columns.items():
+        if column in present:
+            renames[column] = field
+            print(f"{where}: {field} from column {column!r} (the run's own column)", file=sys.stderr)
+        elif field in present:
+            print(f"{where}: {field} from column {field!r} (the run's column {column!r} is absent)", file=sys.stderr)
+        elif field == "text":
+            raise ConfigError(f"{where}: no column {column!r} (the run's text column) nor {field!r}; it has: "
+                              f"{', '.join(sorted(present)) or 'none'}")
+    if not renames:
+        return rows
+    # A column named like a field that another column is read into is dropped (the run's own column wins).
+    return [{renames.get(k, k): v for k, v in row.items() if k in renames or k not in renames.values()}
+            for row in rows]
+
+
+def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    """One JSON object per line."""
+    with path.open("w", encoding="utf-8") as out:
+        for row in rows:
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def cmd_push(args: argparse.Namespace) -> int:

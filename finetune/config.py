@@ -18,7 +18,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -77,6 +77,11 @@ class DataConfig:
     """Where the examples come from and how held-out splits are made; a task subclasses it to add its
     columns."""
 
+    measures_lengths: ClassVar[bool] = False
+    """Whether the task measures its inputs' token lengths (then ``max_length: auto`` works)."""
+    keeps_groups: ClassVar[bool] = False
+    """Whether the task keeps ``group_column`` in its prepared examples (then group-aware splits work)."""
+
     source: str = "builtin:tweet-sentiment"
     """``builtin:<name>``, a Hub dataset id, or ``files`` (then ``train_file`` and friends)."""
     hub_config: str | None = None
@@ -95,15 +100,26 @@ class DataConfig:
     max_eval_samples: int | None = None
     """Cap on validation examples used for evaluation during training."""
     max_test_samples: int | None = None
-    max_length: int = 128
-    """Tokens per example; longer inputs are truncated."""
+    max_length: int | Literal["auto"] = 128
+    """Tokens per example; longer inputs are truncated. ``auto`` (tasks that measure their inputs): the smallest
+    multiple of 8 that covers the 95th percentile of the training inputs, capped by the model's limit."""
+    group_column: str | None = None
+    """A column naming each row's group (a document, a user): every held-out split carved from train keeps all rows
+    of a group on one side (stratified by label where the task stratifies)."""
 
     def validate(self) -> None:
         check(0 <= self.validation_size < 1, "data.validation_size", "in [0, 1)", self.validation_size)
         check(0 <= self.test_size < 1, "data.test_size", "in [0, 1)", self.test_size)
         check(self.validation_size + self.test_size < 1, "data.test_size",
               "such that validation_size + test_size < 1", self.test_size)
-        check(self.max_length >= 8, "data.max_length", ">= 8", self.max_length)
+        if self.max_length == "auto":
+            check(self.measures_lengths, "data.max_length", "a number of tokens for this run's task (run.task does not "
+                  "measure its inputs, so it cannot choose one: auto is for classification)", self.max_length)
+        else:
+            check(self.max_length >= 8, "data.max_length", ">= 8 or auto", self.max_length)
+        if self.group_column is not None:
+            check(self.keeps_groups, "data.group_column", "null for this run's task (run.task does not keep a group "
+                  "column through its preparation: group-aware splits are for classification)", self.group_column)
         for key in ("max_train_samples", "max_eval_samples", "max_test_samples"):
             value = getattr(self, key)
             check(value is None or value > 0, f"data.{key}", "a positive integer or null", value)
@@ -141,7 +157,9 @@ class LoraSettings:
 class TrainConfig:
     """The optimisation loop."""
 
-    epochs: float = 1.0
+    epochs: float | Literal["auto"] = 1.0
+    """Passes over the training split. ``auto`` sizes the run from the data (``finetune.train.auto_length``): a
+    floor of optimizer steps for small sets, a cap for large ones, validation and early stopping in between."""
     max_steps: int | None = None
     """Optimizer steps; overrides ``epochs`` when set."""
     batch_size: int = 32
@@ -194,7 +212,7 @@ class TrainConfig:
     """accelerate trackers, e.g. ``[tensorboard]``."""
 
     def validate(self) -> None:
-        check(self.epochs > 0, "train.epochs", "> 0", self.epochs)
+        check(self.epochs == "auto" or self.epochs > 0, "train.epochs", "> 0 or auto", self.epochs)
         check(self.max_steps is None or self.max_steps > 0, "train.max_steps", "a positive integer or null",
               self.max_steps)
         check(self.batch_size > 0, "train.batch_size", "> 0", self.batch_size)
@@ -297,6 +315,8 @@ def parse_override(item: str) -> tuple[str, Any]:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
         value = text  # an unparsable value stays a string; type checking judges it
+    if value == "" and text.strip() not in ('""', "''"):
+        value = text.strip()  # YAML reads a bare | or > as an empty block: keep the character (a separator)
     return key, value
 
 

@@ -3,20 +3,27 @@
 The flow: :func:`load_raw` returns whatever splits the source has; the task learns from its training split
 (:func:`training_split`) and checks every row (``Task.prepare``); :func:`make_splits` returns exactly
 ``train`` / ``validation`` / ``test``, carving the missing held-out splits from train with a seeded
-(optionally stratified) split.
+(optionally stratified) split, group-aware when ``data.group_column`` is set (:func:`group_split`).
+
+Token lengths (:func:`length_summary`, :func:`auto_max_length`) serve ``data.max_length: auto`` and the length
+report printed before training, for tasks that measure their inputs.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import inspect
 import json
 import logging
+import math
 import os
+import random
 from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 
 from finetune.builtin import BUILTIN_SOURCES, load_builtin
 from finetune.config import Config, DataConfig
@@ -28,6 +35,10 @@ logger = logging.getLogger(__name__)
 # file extension -> datasets builder ("conll": finetune.conll's reader; .txt stays plain text, one row per line)
 FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
                  ".txt": "text", ".conll": "conll", ".conllu": "conll"}
+GROUP = "group"
+"""The column of prepared examples holding ``data.group_column`` (tasks with ``keeps_groups``)."""
+INPUT_LENGTH = "input_length"
+"""A feature column of tasks that measure their inputs: the token count before truncation."""
 
 
 def cache_root() -> Path:
@@ -253,7 +264,10 @@ def make_splits(raw: datasets.DatasetDict, cfg: DataConfig, seed: int,
         if size == 0:
             raise DataError(f"{cfg.source} has no {own!r} split and data.{name}_size is 0")
         # Both sizes are shares of the original train, so rescale to what is left of it.
-        parts = _split(train, size / (1.0 - carved), seed, stratify_column, name)
+        if cfg.group_column is not None:
+            parts = group_split(train, size / (1.0 - carved), seed, stratify_column, name)
+        else:
+            parts = _split(train, size / (1.0 - carved), seed, stratify_column, name)
         train, splits[name] = parts["train"], parts["test"]
         carved += size
     splits["train"] = train
@@ -289,6 +303,73 @@ def shared_inputs(train: datasets.Dataset, test: datasets.Dataset, columns: tupl
 
     seen = {key(row) for row in train.select_columns(list(columns))}
     return sum(key(row) in seen for row in test.select_columns(list(columns)))
+
+
+def group_split(dataset: datasets.Dataset, share: float, seed: int, stratify_column: str | None,
+                name: str) -> datasets.DatasetDict:
+    """Hold out about ``share`` of the rows as whole groups (the ``GROUP`` column): no group has rows on both sides.
+
+    Stratified where possible: groups are bucketed by their most common ``stratify_column`` class (a ClassLabel),
+    and each bucket gives about ``share`` of its rows, taking seeded-shuffled groups while that brings the held-out
+    rows closer to the target. Returns ``train`` and ``test`` like ``Dataset.train_test_split``."""
+    if GROUP not in dataset.column_names:
+        raise DataError(f"data.group_column is set but the prepared examples have no {GROUP!r} column")
+    groups = dataset[GROUP][:]  # a list: per-row access to a lazy column of split data is slow
+    if any(g is None or (isinstance(g, str) and not g.strip()) for g in groups):
+        row = next(i for i, g in enumerate(groups) if g is None or (isinstance(g, str) and not g.strip()))
+        raise DataError(f"row {row + 1}, data.group_column: empty group; every row needs one")
+    rows_of: dict[Any, list[int]] = collections.defaultdict(list)
+    for row, group in enumerate(groups):
+        rows_of[group].append(row)
+    if len(rows_of) < 2:
+        raise DataError(f"data.group_column: only {len(rows_of)} group; need at least 2 to hold out a {name} split")
+    classes = dataset[stratify_column][:] if stratify_column and isinstance(
+        dataset.features.get(stratify_column), datasets.ClassLabel) else None
+    buckets: dict[Any, list[Any]] = collections.defaultdict(list)
+    for group, rows in rows_of.items():
+        key = collections.Counter(classes[r] for r in rows).most_common(1)[0][0] if classes is not None else None
+        buckets[key].append(group)
+    rng = random.Random(seed)
+    held: set[Any] = set()
+    for key in sorted(buckets, key=str):
+        members = sorted(buckets[key], key=str)
+        rng.shuffle(members)
+        target = share * sum(len(rows_of[g]) for g in members)
+        taken = 0
+        for group in members:
+            size = len(rows_of[group])
+            if abs(taken + size - target) < abs(taken - target):
+                held.add(group)
+                taken += size
+    if not held:  # every group is larger than the share: hold out the smallest one
+        held.add(min(rows_of, key=lambda g: (len(rows_of[g]), str(g))))
+    if len(held) == len(rows_of):
+        held.discard(max(held, key=lambda g: (len(rows_of[g]), str(g))))
+    test_rows = sorted(r for g in held for r in rows_of[g])
+    train_rows = sorted(r for g in rows_of if g not in held for r in rows_of[g])
+    return datasets.DatasetDict({"train": dataset.select(train_rows), "test": dataset.select(test_rows)})
+
+
+def length_summary(lengths: list[int] | np.ndarray, max_length: int | None = None) -> dict[str, Any]:
+    """Median, 95th percentile and maximum of token counts, and how many exceed ``max_length`` (are cut)."""
+    values = np.asarray(lengths)
+    if len(values) == 0:
+        return {"examples": 0}
+    summary: dict[str, Any] = {"examples": int(len(values)), "median": float(np.median(values)),
+                               "p95": float(np.percentile(values, 95)), "max": int(values.max())}
+    if max_length is not None:
+        summary["max_length"] = int(max_length)
+        summary["truncated"] = int((values > max_length).sum())
+    return summary
+
+
+def auto_max_length(lengths: list[int] | np.ndarray, model_limit: int, multiple: int = 8,
+                    quantile: float = 95) -> int:
+    """``data.max_length: auto``: the smallest multiple of ``multiple`` covering the ``quantile``-th percentile of
+    the token counts, at least ``multiple`` and at most ``model_limit``."""
+    covered = float(np.percentile(np.asarray(lengths), quantile)) if len(lengths) else multiple
+    chosen = max(multiple, math.ceil(covered / multiple) * multiple)
+    return int(min(chosen, model_limit))
 
 
 def cap(dataset: datasets.Dataset, limit: int | None, seed: int) -> datasets.Dataset:

@@ -25,6 +25,8 @@ from finetune.tasks.base import Task
 class EvalResult:
     metrics: dict[str, Any]
     predictions: list[dict[str, Any]] = field(default_factory=list)
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)
+    """The gathered per-feature outputs of ``Task.eval_step`` (what ``Task.calibrate`` tunes on)."""
 
 
 def evaluate(task: Task, model: torch.nn.Module, dataloader: DataLoader, accelerator: Accelerator,
@@ -53,7 +55,7 @@ def evaluate(task: Task, model: torch.nn.Module, dataloader: DataLoader, acceler
     merged = {key: value[first] for key, value in merged.items()}
     metrics, predictions = task.compute_metrics(merged, examples, features)
     metrics["eval_seconds"] = round(time.perf_counter() - started, 3)
-    return EvalResult(metrics, predictions)
+    return EvalResult(metrics, predictions, merged)
 
 
 def _concatenate(parts: list[np.ndarray], pad_value: float) -> np.ndarray:

@@ -254,10 +254,10 @@ def _load_failure(checkpoint: Checkpoint, exc: Exception) -> str:
     return f"could not load {checkpoint.requested!r} from {checkpoint.path}: {first}"
 
 
-def check_length_fits(model: PreTrainedModel, max_length: int) -> None:
+def check_length_fits(model: PreTrainedModel, max_length: int | str) -> None:
     """``data.max_length`` within the model's position limit (positions past it do not exist)."""
     limit = getattr(model.config, "max_position_embeddings", None)
-    if isinstance(limit, int) and max_length > limit:
+    if isinstance(limit, int) and isinstance(max_length, int) and max_length > limit:
         raise ConfigError(f"config key 'data.max_length' must be at most {limit}, the positions this model has "
                           f"(max_position_embeddings); got {max_length}")
 

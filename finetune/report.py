@@ -59,7 +59,13 @@ def write_run(run: RunFolder, config: Config, task: Any, result: Any, summary: d
     """Predictions, curve, model card (in the run folder and in the weights folder, whose adapter config then
     names the base by its Hub id), and last ``metrics.json`` (its presence marks a finished run)."""
     write_predictions(run.predictions, result.predictions)
+    mistakes = task.mistakes(result.predictions)
+    if mistakes:
+        write_predictions(run.mistakes, mistakes)
     plot_curves(read_log(run.log), run.curves, config.train.metric_for_best)
+    matrix = result.metrics.get("confusion_matrix")
+    if isinstance(matrix, dict) and matrix.get("labels"):
+        plot_confusion_matrix(matrix, run.confusion_matrix)
     source = read_source(run)
     run.card.write_text(model_card(config, task, summary, source, report_page=run.report.name), encoding="utf-8")
     weights = run.weights_for(config.lora.method)
@@ -109,6 +115,60 @@ def plot_curves(records: list[dict[str, Any]], path: Path, metric: str) -> None:
     plt.close(fig)
 
 
+def plot_confusion_matrix(matrix: dict[str, Any], path: Path) -> None:
+    """A heat map of ``{"labels": [...], "counts": [[...]]}``: rows are the true labels, columns the predictions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    labels, counts = matrix["labels"], np.asarray(matrix["counts"])
+    size = max(4.0, 0.5 * len(labels) + 2)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    image = ax.imshow(counts, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if len(labels) <= 20:
+        for i in range(len(labels)):
+            for j in range(len(labels)):
+                ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=8,
+                        color="white" if counts[i, j] > counts.max() / 2 else "black")
+    fig.colorbar(image, ax=ax)
+    ax.set_title("test split: true against predicted")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def all_baselines(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The baselines of a ``metrics.json`` summary: ``baselines``, or the one ``baseline`` of older runs."""
+    if summary.get("baselines"):
+        return list(summary["baselines"])
+    return [summary["baseline"]] if summary.get("baseline") else []
+
+
+def verdict(task: Any, summary: dict[str, Any], metric: str) -> tuple[bool, str]:
+    """Whether the model beats every baseline, and a plain sentence saying so or naming the first baseline it does
+    not beat. Each baseline is compared on ``metric`` or, when it lacks that, the first headline metric it has."""
+    test = summary["test"]
+    higher = getattr(task, "metrics_higher_is_better", {})
+    compared = []
+    for baseline in all_baselines(summary):
+        name = next((n for n in [metric, *task.headline_metrics]
+                     if isinstance(test.get(n), (int, float)) and isinstance(baseline.get(n), (int, float))), None)
+        if name is None:
+            continue
+        ours, theirs = test[name], baseline[name]
+        if (theirs >= ours) if higher.get(name, True) else (theirs <= ours):
+            return False, (f"the fine-tuned model does NOT beat the baseline {baseline['name']} on {name} "
+                           f"({ours:.4f} against {theirs:.4f})")
+        compared.append(f"{baseline['name']} on {name}")
+    return True, ("the fine-tuned model beats every baseline (" + "; ".join(compared) + ")") if compared else ""
+
+
 def model_card(config: Config, task: Any, summary: dict[str, Any], source: dict[str, Any] | None = None,
                repo_id: str | None = None, report_page: str | None = None) -> str:
     """The model card (README.md): YAML metadata with a ``model-index`` of the held-out test metrics, then
@@ -119,7 +179,7 @@ def model_card(config: Config, task: Any, summary: dict[str, Any], source: dict[
     from huggingface_hub import EvalResult, ModelCardData
 
     test = summary["test"]
-    baseline = summary.get("baseline") or {}
+    baselines = all_baselines(summary)
     lora = config.lora
     base = card_base_model(config, source)
     dataset_type, dataset_name = _card_dataset(config)
@@ -139,10 +199,14 @@ def model_card(config: Config, task: Any, summary: dict[str, Any], source: dict[
         eval_results=results or None,
     )
     rows = "\n".join(
-        f"| {name} | {test[name]:.4f} | {baseline[name]:.4f} |" if name in baseline else
-        f"| {name} | {test[name]:.4f} | - |"
-        for name in task.headline_metrics if name in test
+        f"| {name} | {test[name]:.4f} | "
+        + " | ".join(_fmt(b[name]) if isinstance(b.get(name), (int, float)) else "-" for b in baselines) + " |"
+        for name in task.headline_metrics if isinstance(test.get(name), (int, float))
     )
+    header = " | ".join(f"baseline: {b.get('name', '-')}" for b in baselines) or "baseline"
+    rule = " | ".join("---" for _ in baselines) or "---"
+    beats, sentence = verdict(task, summary, config.train.metric_for_best)
+    warning = f"\n**Note: {sentence}.**\n" if not beats else (f"\n{sentence[0].upper()}{sentence[1:]}.\n" if sentence else "")
     sizes = summary["split_sizes"]
     method = (f"LoRA (r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}, "
               f"targets={lora.target_modules or 'architecture default'})" if lora.method == "lora"
@@ -162,17 +226,17 @@ Source: {dataset_name}; train {sizes['train']}, validation {sizes['validation']}
 ({_split_origin(config)}, seed {config.run.seed}).
 
 ## Results on the held-out test split
-| metric | this model | baseline: {baseline.get('name', '-')} |
-| --- | --- | --- |
+| metric | this model | {header} |
+| --- | --- | {rule} |
 {rows}
-
+{warning}
 Best checkpoint at step {summary['best_step']} of {summary['global_step']}
 (validation {config.train.metric_for_best} = {_fmt(summary['best_validation'][config.train.metric_for_best])}).
 {_report_line(report_page)}
 ## Training
-{config.train.epochs} epoch(s) or {config.train.max_steps or '-'} steps, batch {config.train.batch_size} x
+{summary.get('training_length') or f"{config.train.epochs} epoch(s) or {config.train.max_steps or '-'} steps"}, batch {config.train.batch_size} x
 {config.train.gradient_accumulation_steps} accumulation, learning rate {config.train.learning_rate}
-({config.train.scheduler}, warmup {config.train.warmup_ratio}), max length {config.data.max_length}.
+({config.train.scheduler}, warmup {config.train.warmup_ratio}), max length {_max_length(config, summary)}.
 The full resolved configuration is in `config.yaml`.
 
 ## How to load it
@@ -285,6 +349,18 @@ finetune merge {where} --out merged/          # one plain transformers model, no
 ```"""
 
 
+def _max_length(config: Config, summary: dict[str, Any]) -> str:
+    """``data.max_length``, with the number ``auto`` chose and how many test inputs it cut."""
+    lengths = summary.get("lengths") or {}
+    test = lengths.get("test") or {}
+    text = str(config.data.max_length)
+    if lengths.get("max_length") is not None and str(lengths["max_length"]) != text:
+        text += f" -> {lengths['max_length']}"
+    if test.get("examples"):
+        text += f" (test inputs: p95 {test['p95']:g} tokens, {test['truncated']} of {test['examples']} truncated)"
+    return text
+
+
 def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
@@ -292,17 +368,24 @@ def _fmt(value: Any) -> str:
 def print_summary(task: Any, summary: dict[str, Any]) -> None:
     """The lines a user reads at the end of a run: test metrics beside the baseline and, when
     ``eval.before_training`` ran, beside the base model's, and the warnings of the run."""
-    test, baseline = summary["test"], summary.get("baseline") or {}
+    test, baselines = summary["test"], all_baselines(summary)
     before = summary.get("before_training") or {}
     print("\ntest results (best checkpoint, held-out test split):")
     for name in task.headline_metrics:
-        if name in test:
+        if isinstance(test.get(name), (int, float)):
             line = f"  {name:<16} {test[name]:.4f}"
-            if name in before:
+            if isinstance(before.get(name), (int, float)):
                 line += f"    before training: {before[name]:.4f}"
-            if name in baseline:
-                line += f"    baseline ({baseline['name']}): {baseline[name]:.4f}"
+            for baseline in baselines:
+                if isinstance(baseline.get(name), (int, float)):
+                    line += f"    baseline ({baseline['name']}): {baseline[name]:.4f}"
             print(line)
+    metric = next(iter(summary.get("best_validation") or {}), "loss")
+    beats, sentence = verdict(task, summary, metric)
+    if not beats:
+        print(f"NOTE: {sentence}.")
+    elif sentence:
+        print(sentence)
     for warning in summary.get("warnings") or []:
         print(f"  warning: {warning}")
 

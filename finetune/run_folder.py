@@ -11,6 +11,8 @@
         best/trainable.safetensors   the best trainable weights so far
         adapter/ or model/      the trained weights, tokenizer and task.json (what the task learned)
         predictions_test.jsonl  one prediction per test example
+        mistakes_test.jsonl     the most confident wrong test predictions (tasks that pick them)
+        confusion_matrix.png    test labels against predictions (tasks that count them)
         curves.png, README.md   training curves; the model card
         report.html             one self-contained page to look at the run (``finetune.report_page``)
         failure.json            only when an error ended the run
@@ -68,6 +70,8 @@ class RunFolder:
     log = property(lambda self: self.path / "train_log.jsonl")
     curves = property(lambda self: self.path / "curves.png")
     predictions = property(lambda self: self.path / "predictions_test.jsonl")
+    mistakes = property(lambda self: self.path / "mistakes_test.jsonl")
+    confusion_matrix = property(lambda self: self.path / "confusion_matrix.png")
     card = property(lambda self: self.path / "README.md")
     source = property(lambda self: self.path / "source.json")
     before_training = property(lambda self: self.path / "before_training.json")

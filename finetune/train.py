@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import datasets
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list, set_seed
@@ -39,7 +40,7 @@ from finetune.checkpoints import (GracefulStop, TrainerState, TrainingInterrupte
                                   checkpoint_trainable_only, inject_fault, load_checkpoint, load_trainable,
                                   prune_checkpoints, save_checkpoint, save_trainable)
 from finetune.config import Config, DataConfig, TrainConfig, dump_config
-from finetune.data import load_raw, load_splits, shared_inputs
+from finetune.data import INPUT_LENGTH, length_summary, load_raw, load_splits, shared_inputs
 from finetune.errors import FinetuneError
 from finetune.evaluation import EvalResult, evaluate
 from finetune.models import apply_lora, check_length_fits, count_parameters, resolve_checkpoint, write_source
@@ -146,6 +147,9 @@ class TrainingRun:
                                                   for name, split in self.splits.items()})
         for line in task.describe(self.splits):
             accelerator.print(line)
+        self.lengths = length_report(self.features)
+        for line in describe_lengths(self.lengths):
+            accelerator.print(line)
         self.shared = shared_inputs(self.splits["train"], self.splits["test"], task.input_columns)
         if self.shared:
             accelerator.print(f"note: {self.shared} of {len(self.splits['test'])} test examples have the same input as "
@@ -159,7 +163,8 @@ class TrainingRun:
         """The task's model, with LoRA unless the recipe asks for full fine-tuning, and the speed options."""
         config = self.config
         model = self.task.load_model(self.checkpoint)
-        check_length_fits(model, config.data.max_length)
+        # data.max_length=auto was resolved by the task when it learned (within the model's positions)
+        check_length_fits(model, getattr(self.task.learned, "max_length", config.data.max_length))
         self.model = apply_lora(model, config.lora, self.task.peft_task_type, self.task.modules_to_save)
         self.trainable, self.total = count_parameters(self.model)
         self.accelerator.print(f"parameters: {self.trainable:,} trainable of {self.total:,} "
@@ -214,6 +219,7 @@ class TrainingRun:
                           f"steps, effective batch {t.batch_size * accelerator.num_processes * t.gradient_accumulation_steps}"
                           f" = {t.batch_size} per device x {accelerator.num_processes} process(es) x "
                           f"{t.gradient_accumulation_steps} accumulation")
+        accelerator.print(f"training length: {s.describe()}")
 
     # --- fit ---------------------------------------------------------------------------------------------
     def fit(self) -> None:
@@ -347,14 +353,17 @@ class TrainingRun:
             load_trainable(unwrapped, run.best_weights)
             accelerator.print(f"best checkpoint: step {state.best_step} "
                               f"({self.config.train.metric_for_best} {state.best_metric:.4f})")
+        if task.calibrates:
+            # Decision thresholds and the like are tuned on validation only, then applied to the test split.
+            task.calibrate(self._evaluate(self.valid_dl, "validation").outputs)
         result = self._evaluate(self.test_dl, "test")
-        baseline = task.baseline(self.splits["train"], self.splits["test"], self.splits["validation"])
         if accelerator.is_main_process:
+            baselines = task.baselines(self.splits)  # TF-IDF fits take a while: once, where the report is written
             weights = run.weights_for(self.config.lora.method)
             unwrapped.save_pretrained(str(weights), safe_serialization=True)
             task.tokenizer.save_pretrained(str(weights))
             task.save(weights)
-            summary = {**self._summary(result, baseline), "throughput": throughput}
+            summary = {**self._summary(result, baselines), "throughput": throughput}
             if run.before_training.is_file():
                 summary["before_training"] = json.loads(run.before_training.read_text(encoding="utf-8"))
             report.write_run(run, self.config, task, result, summary)
@@ -390,12 +399,13 @@ class TrainingRun:
             write_failure(self.run, exc, self.state.global_step, self.elapsed_seconds(),
                           getattr(getattr(self, "accelerator", None), "process_index", 0))
 
-    def _summary(self, result: EvalResult, baseline: dict[str, Any]) -> dict[str, Any]:
+    def _summary(self, result: EvalResult, baselines: list[dict[str, Any]]) -> dict[str, Any]:
         """The content of ``metrics.json`` (throughput and before-training results are added to it)."""
         state = self.state
-        return {
+        summary = {
             "test": result.metrics,
-            "baseline": baseline,
+            "baseline": baselines[0] if baselines else {},
+            "baselines": baselines,
             "best_step": state.best_step,
             "best_validation": {self.config.train.metric_for_best: state.best_metric},
             "global_step": state.global_step,
@@ -407,7 +417,37 @@ class TrainingRun:
             "headline_metric": self.task.headline_metrics[0],
             "wall_seconds": self.elapsed_seconds(),
             "environment": report.environment(self.accelerator, self.mixed_precision),
+            "training_length": self.schedule.describe(),
         }
+        if self.lengths:
+            # The number of tokens inputs were cut to (what data.max_length=auto chose, where the task learned one).
+            chosen = getattr(self.task.learned, "max_length", self.config.data.max_length)
+            summary["lengths"] = {"max_length": chosen, **self.lengths}
+        return summary
+
+
+def length_report(features: datasets.DatasetDict) -> dict[str, dict[str, Any]]:
+    """Per split: token counts before truncation (median, p95, max) and how many inputs were cut, for tasks whose
+    features carry ``INPUT_LENGTH`` beside the (truncated) ``length``."""
+    report_ = {}
+    for name, split in features.items():
+        if INPUT_LENGTH in split.column_names:
+            full, kept = np.asarray(split[INPUT_LENGTH][:]), np.asarray(split["length"][:])
+            summary = length_summary(full)
+            summary["truncated"] = int((full > kept).sum())
+            report_[name] = summary
+    return report_
+
+
+def describe_lengths(lengths: dict[str, dict[str, Any]]) -> list[str]:
+    """The printed form of :func:`length_report`."""
+    lines = []
+    for name, s in lengths.items():
+        if s.get("examples"):
+            lines.append(f"{name} lengths (tokens before truncation): median {s['median']:g}, p95 {s['p95']:g}, "
+                         f"max {s['max']}; truncated: {s['truncated']} of {s['examples']} "
+                         f"({100 * s['truncated'] / s['examples']:.1f}%)")
+    return lines
 
 
 # --- policies and counters ----------------------------------------------------------------------------
@@ -429,14 +469,55 @@ def held_out_warnings(splits: datasets.DatasetDict, features: datasets.DatasetDi
     return warnings
 
 
+# ``train.epochs: auto``, tuned on data sets of several sizes (bench/auto_defaults.py prints the evidence):
+AUTO_MIN_STEPS = 200
+"""Floor: a small training split is seen for at least this many optimizer steps (several epochs)."""
+AUTO_MAX_STEPS = 500
+"""Cap: a large training split is not seen for more than this many optimizer steps (less than an epoch)."""
+AUTO_MAX_EPOCHS = 20
+"""The floor never makes more passes than this over a tiny training split."""
+AUTO_VALIDATIONS = 10
+"""Validations per auto-sized run (when ``train.eval_every_steps`` is not set)."""
+AUTO_PATIENCE = 3
+"""Early stopping after this many validations without improvement (when ``train.early_stopping_patience`` is not
+set)."""
+
+
 class Schedule:
     """How long the run is, and when it logs, validates, checkpoints and stops early."""
 
     def __init__(self, train: TrainConfig, batches_per_epoch: int):
         self.train = train
         self.steps_per_epoch = math.ceil(batches_per_epoch / train.gradient_accumulation_steps)
-        self.max_steps = train.max_steps or math.ceil(train.epochs * self.steps_per_epoch)
+        self.eval_every = train.eval_every_steps
+        self.patience = train.early_stopping_patience
+        self.reason = ""
+        """Why the run has this length, in words (printed)."""
+        self.validate_each_epoch = True
+        """An auto-sized run validates every ``eval_every`` steps only: on a small split, epochs of a few steps
+        would spend the early-stopping patience in a few dozen steps."""
+        if train.max_steps:
+            self.max_steps = train.max_steps
+            self.reason = f"train.max_steps={train.max_steps}"
+        elif train.epochs == "auto":
+            self.max_steps, self.reason = auto_length(self.steps_per_epoch)
+            self.eval_every = self.eval_every or max(1, math.ceil(self.max_steps / AUTO_VALIDATIONS))
+            self.patience = self.patience or AUTO_PATIENCE
+            self.validate_each_epoch = train.eval_every_steps is not None
+        else:
+            self.max_steps = math.ceil(train.epochs * self.steps_per_epoch)
+            self.reason = f"train.epochs={train.epochs:g}"
         self.num_epochs = math.ceil(self.max_steps / self.steps_per_epoch)
+
+    def describe(self) -> str:
+        """The run's length and why, its validations and early stopping, in one line."""
+        text = f"{self.max_steps} optimizer steps ({self.reason})"
+        if self.eval_every:
+            text += f", validation every {self.eval_every} steps" + (" and at each epoch end"
+                                                                     if self.validate_each_epoch else "")
+        if self.patience:
+            text += f", early stopping after {self.patience} validations without improvement"
+        return text
 
     def epoch_of(self, step: int) -> float:
         return round(step / self.steps_per_epoch, 4)
@@ -445,16 +526,32 @@ class Schedule:
         return step % self.train.log_every_steps == 0 or step == self.max_steps
 
     def validate_now(self, step: int, end_of_epoch: bool, done: bool) -> bool:
-        every = self.train.eval_every_steps
-        return bool(every and step % every == 0) or end_of_epoch or done
+        every = self.eval_every
+        return bool(every and step % every == 0) or (end_of_epoch and self.validate_each_epoch) or done
 
     def save_now(self, step: int, end_of_epoch: bool, done: bool) -> bool:
         every = self.train.save_every_steps
         return bool(every and step % every == 0) or end_of_epoch or done
 
     def patience_spent(self, evals_without_improvement: int) -> bool:
-        patience = self.train.early_stopping_patience
+        patience = self.patience
         return bool(patience) and evals_without_improvement >= patience
+
+
+def auto_length(steps_per_epoch: int) -> tuple[int, str]:
+    """``train.epochs: auto``: one pass over the training split, raised to ``AUTO_MIN_STEPS`` (at most
+    ``AUTO_MAX_EPOCHS`` passes) for small splits and cut to ``AUTO_MAX_STEPS`` for large ones. Returns the
+    optimizer steps and the reason in words."""
+    epochs = f"epoch(s) of {steps_per_epoch} steps"
+    if steps_per_epoch >= AUTO_MAX_STEPS:
+        return AUTO_MAX_STEPS, (f"train.epochs=auto: capped at {AUTO_MAX_STEPS} steps, "
+                                f"{AUTO_MAX_STEPS / steps_per_epoch:.2f} of an epoch of {steps_per_epoch} steps")
+    if steps_per_epoch >= AUTO_MIN_STEPS:
+        return steps_per_epoch, f"train.epochs=auto: one epoch of {steps_per_epoch} steps"
+    steps = min(AUTO_MIN_STEPS, AUTO_MAX_EPOCHS * steps_per_epoch)
+    limit = f"floor of {AUTO_MIN_STEPS} steps" if steps == AUTO_MIN_STEPS else f"at most {AUTO_MAX_EPOCHS} epochs"
+    return steps, (f"train.epochs=auto: a small training split, raised to the {limit}: "
+                   f"{steps / steps_per_epoch:.1f} {epochs}")
 
 
 class Throughput:

@@ -145,7 +145,8 @@ def test_each_task_declares_its_sections_and_what_it_learns(name: str) -> None:
 
 
 @pytest.mark.parametrize("learned", [
-    ("classification", {"labels": ["neg", "pos"]}),
+    ("classification", {"labels": ["neg", "pos"], "problem_type": "multi_label", "max_length": 64,
+                        "thresholds": [0.35, 0.6], "target_mean": 0.0, "target_std": 1.0}),
     ("question-answering", {"unanswerable": True}),
     ("generation", {"shape": "messages"}),
     ("translation", {"kind": "decoder", "model_type": "llama"}),

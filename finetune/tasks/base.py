@@ -17,9 +17,11 @@ The lifecycle, in the order the loop (``finetune.train``) and inference (``finet
 5. **features**: ``task.features(examples, split)``: tokenized features, with a ``length`` column.
 6. **collate** a list of features into a batch; **loss** of a batch (training).
 7. **evaluate**: ``begin_evaluation`` -> ``eval_step`` per batch -> ``compute_metrics`` on the gathered
-   outputs; ``baseline`` scores a no-training reference on the same test examples. The prediction rows
-   become ``predictions_test.jsonl``; the report page picks the worst of them with the class method
-   ``worst_predictions`` (default: highest ``loss``), and shows what else the files hold by itself
+   outputs; a task that ``calibrates`` (e.g. decision thresholds) tunes on the validation outputs after training
+   (``calibrate``, which updates what it learned) before the test split is scored; ``baselines`` score references
+   that need no (or cheap) training on the same test examples; ``mistakes`` picks the test predictions worth a
+   look. The prediction rows become ``predictions_test.jsonl``; the report page picks the worst of them with the
+   class method ``worst_predictions`` (default: highest ``loss``), and shows what else the files hold by itself
    (``per_class`` metrics as a table, rows with ``label`` and ``prediction`` as a confusion matrix).
 8. **predict** on raw user inputs (``finetune predict``).
 """
@@ -86,6 +88,8 @@ class Task:
     pipeline_tag: ClassVar[str] = ""
     predict_example: ClassVar[str] = "--input inputs.jsonl"
     """Arguments of an example ``finetune predict`` command, printed at the end of a run."""
+    calibrates: ClassVar[bool] = False
+    """Whether :meth:`calibrate` tunes something on the validation outputs after training."""
 
     def __init__(self, config: Config):
         if not isinstance(config.data, self.Data) or not isinstance(config.eval, self.Eval):
@@ -186,6 +190,31 @@ class Task:
                         features: datasets.Dataset) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """Gathered per-feature outputs (in feature order) -> (metrics, one prediction row per example)."""
         raise NotImplementedError
+
+    def calibrate(self, outputs: dict[str, np.ndarray]) -> None:
+        """Tune what is decided on top of the model's outputs (e.g. thresholds) on the gathered validation outputs of
+        the best weights; replaces ``self.learned`` with what was tuned, so that it is saved with the run."""
+
+    def _relearn(self, learned: Learned) -> None:
+        """What the task learned, updated after training (by :meth:`calibrate`)."""
+        if not isinstance(learned, self.Learned):
+            raise TypeError(f"task {self.name} expects {self.Learned.__name__}, got {type(learned).__name__}")
+        self._learned = learned
+
+    def baselines(self, splits: datasets.DatasetDict) -> list[dict[str, Any]]:
+        """Every reference scored beside the model on the test split, the simplest first (``metrics.json``
+        ``baselines``; the first is also ``baseline``). Each: ``name`` and the metrics it has."""
+        baseline = self.baseline(splits["train"], splits["test"], splits["validation"])
+        return [baseline] if baseline else []
+
+    def mistakes(self, predictions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The wrong test predictions worth a look, the most confident first (written to the run folder)."""
+        return []
+
+    def predict_columns(self) -> dict[str, str]:
+        """Input field -> the column of the run's data that holds it (``finetune predict --input`` reads a file in
+        the training format through this); empty when inputs are read as they are."""
+        return {}
 
     def baseline(self, train: datasets.Dataset, test: datasets.Dataset,
                  validation: datasets.Dataset | None = None) -> dict[str, Any]:
