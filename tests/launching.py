@@ -123,6 +123,9 @@ def torchrun(*args: str) -> list[str]:
 
 
 def tail(result: Result, n: int = 3000) -> str:
-    """The end of stderr without tqdm's progress lines (they fill it)."""
+    """The error lines of every worker first (the root cause is often not at the end), then the end of
+    stderr, without tqdm's progress lines (they fill it)."""
     lines = [line for line in result.stderr.replace("\r", "\n").splitlines() if "training:" not in line]
-    return "\n".join(lines)[-n:]
+    errors = [line for line in lines if line.lstrip("[rank0123456789]: ").startswith(
+        ("RuntimeError", "ValueError", "TypeError", "KeyError", "NotImplementedError", "error:", "ZeroDivisionError"))]
+    return "\n".join(errors[:10]) + "\n...\n" + "\n".join(lines)[-n:]

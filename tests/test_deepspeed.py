@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from conftest import build_tiny_bert, synthetic_reviews, tiny_overrides, write_csv
@@ -91,6 +92,7 @@ def normalized_weights(run_dir: Path) -> dict:
 
 
 @pytest.mark.multiprocess
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path (tests/accelerate_cpu.py)")
 @pytest.mark.parametrize("stage", sorted(CONFIGS))
 @pytest.mark.xfail(strict=True, reason=(
     "finetune's loop is not DeepSpeed-ready: its train DataLoader has a batch_sampler (batch_size None), so "

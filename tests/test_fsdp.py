@@ -26,7 +26,10 @@ from conftest import build_tiny_bert, synthetic_reviews, tiny_overrides, write_c
 from launching import ROOT, cpu_env, run_with_free_port, tail, torchrun
 from test_distributed import SETTINGS
 
-pytestmark = pytest.mark.multiprocess
+import torch
+
+pytestmark = [pytest.mark.multiprocess,
+              pytest.mark.skipif(torch.cuda.is_available(), reason="what accelerate does on a machine without GPUs")]
 CONFIG = ROOT / "configs" / "accelerate" / "fsdp.yaml"
 TIMEOUT = 600
 # What `accelerate launch --config_file fsdp.yaml` exports (test_launch_configs.launch_environment),
