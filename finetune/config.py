@@ -97,6 +97,16 @@ class DataConfig:
     max_test_samples: int | None = None
     max_length: int = 128
     """Tokens per example; longer inputs are truncated."""
+    streaming: bool = False
+    """Read the training data as a stream (``datasets`` IterableDataset), tokenized on the fly and dealt out to
+    the processes, never loaded whole: for data larger than memory or disk. Needs ``train.max_steps``; held-out
+    splits come from ``validation_file``/``test_file`` (or the Hub data set's own splits), else from the first
+    ``streaming_holdout`` examples of the stream (see ``finetune.data.load_stream``)."""
+    shuffle_buffer: int = 10_000
+    """Streaming: examples held in the shuffle buffer (0: the stream's own order)."""
+    streaming_holdout: int = 1000
+    """Streaming without a validation/test file or split: the first N streamed examples are the test split, the
+    next N the validation split, and training starts after them."""
 
     def validate(self) -> None:
         check(0 <= self.validation_size < 1, "data.validation_size", "in [0, 1)", self.validation_size)
@@ -104,6 +114,11 @@ class DataConfig:
         check(self.validation_size + self.test_size < 1, "data.test_size",
               "such that validation_size + test_size < 1", self.test_size)
         check(self.max_length >= 8, "data.max_length", ">= 8", self.max_length)
+        check(self.shuffle_buffer >= 0, "data.shuffle_buffer", ">= 0", self.shuffle_buffer)
+        check(self.streaming_holdout > 0, "data.streaming_holdout", "> 0", self.streaming_holdout)
+        if self.streaming:
+            check(not self.source.startswith("builtin:"), "data.streaming",
+                  "false for a built-in data set (they are small; stream files or Hub data sets)", self.streaming)
         for key in ("max_train_samples", "max_eval_samples", "max_test_samples"):
             value = getattr(self, key)
             check(value is None or value > 0, f"data.{key}", "a positive integer or null", value)
