@@ -3,16 +3,20 @@
 Training batches are seeded and reproducible for a (seed, epoch), so that a resumed run skips exactly the
 batches it already trained on; evaluation batches are sorted by length (little padding, memory peaks
 at once) and carry their feature indices, so that outputs go back to dataset order after gathering.
+A streamed training split (``data.streaming``) is batched by :class:`StreamBatches`, one epoch at a time.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Iterator
 
 import datasets
 import numpy as np
 import torch
+from accelerate import Accelerator
+from accelerate.utils import send_to_device
+from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader
 
 from finetune.config import Config
@@ -77,6 +81,60 @@ def train_dataloader(task: Task, features: datasets.Dataset, config: Config, num
                       # its own generator: creating an iterator must not draw from the global RNG,
                       # or a resumed run's dropout masks would differ from an uninterrupted one
                       generator=torch.Generator().manual_seed(config.run.seed))
+
+
+class StreamBatches:
+    """This process's training batches of a stream (``data.streaming``), one epoch at a time.
+
+    Each epoch the whole stream is shuffled with a buffer (``data.shuffle_buffer``, seeded by run seed + epoch)
+    and dealt out by ``datasets.distributed.split_dataset_by_node``: with as many files (shards) as a multiple of
+    the process count each process reads its own files, otherwise every process reads the stream and keeps
+    every ``num_processes``-th example, so that each example goes to exactly one process. The examples are
+    checked (``Task.prepare_stream``) and tokenized (``Task.features``) as they are read; in the second case
+    datasets applies the split last, so each process also tokenizes the examples it then leaves to the others
+    (give the stream several files to avoid that).
+
+    Batches are full (``train.batch_size``), and an epoch ends for all processes together when one of them has
+    no full batch left (one flag reduced per micro-batch; otherwise the others would wait forever in the next
+    gradient all-reduce): at most ``batch_size x processes`` examples at the end of an epoch are left out of it.
+    A resumed run skips the examples its process already trained on in the epoch (batches x batch size), before
+    they are tokenized: exact, and the stream is read again up to there."""
+
+    def __init__(self, task: Task, stream: datasets.IterableDataset, config: Config, accelerator: Accelerator,
+                 where: str):
+        self.task, self.stream, self.config, self.accelerator, self.where = task, stream, config, accelerator, where
+
+    def epoch(self, epoch: int, skip_batches: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        """The batches of ``epoch`` after the first ``skip_batches`` of this process, on its device."""
+        t, accelerator = self.config.train, self.accelerator
+        examples = self.stream
+        if self.config.data.shuffle_buffer:
+            examples = examples.shuffle(seed=self.config.run.seed + epoch, buffer_size=self.config.data.shuffle_buffer)
+        skip = skip_batches * t.batch_size
+        if accelerator.num_processes > 1:
+            own_files = examples.num_shards % accelerator.num_processes == 0
+            examples = split_dataset_by_node(examples, accelerator.process_index, accelerator.num_processes,
+                                             strategy="shards" if own_files else "examples")
+            # datasets deals the examples out as they are iterated, around every step added later: a skip counts
+            # this process's examples when it reads its own files, but the whole stream's otherwise.
+            skip = skip if own_files else skip * accelerator.num_processes
+        if skip:
+            examples = examples.skip(skip)
+        features = self.task.features(self.task.prepare_stream(examples, self.where), "train")
+        rows = iter(features)
+        while True:
+            chunk = [row for _, row in zip(range(t.batch_size), rows)]
+            full = len(chunk) == t.batch_size
+            if not self._everyone(full):
+                return
+            yield send_to_device(self.task.collate(chunk), accelerator.device)
+
+    def _everyone(self, full: bool) -> bool:
+        """Whether every process has a full batch (a collective when there are several)."""
+        if self.accelerator.num_processes == 1:
+            return full
+        flag = torch.tensor(int(full), device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, "min").item())
 
 
 def dataloader_workers(config: Config) -> int:

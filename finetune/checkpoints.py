@@ -111,6 +111,10 @@ def save_checkpoint(accelerator: Accelerator, run: RunFolder, state: TrainerStat
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    # Every process has written its part (its RNG state; its shards under FSDP / DeepSpeed) before the folder is
+    # renamed: accelerate's save_state ends without a barrier, and a slower process would write into a folder
+    # that is gone (or re-create it as a stray .tmp).
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         inject_fault("kill-in-checkpoint", state.global_step)
         (tmp / CHECKPOINT_STATE).write_text(json.dumps(asdict(state), indent=2), encoding="utf-8")
@@ -194,9 +198,33 @@ def _restore(accelerator: Accelerator, path: Path) -> TrainerState:
     return state
 
 
-def save_trainable(model: torch.nn.Module, path: Path) -> None:
-    """The trainable weights (LoRA + head, or everything for full fine-tuning), written atomically."""
-    tensors = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+def is_sharded(accelerator: Accelerator) -> bool:
+    """Whether the model's parameters may live in shards across processes (FSDP, DeepSpeed): then reading or
+    writing whole weights is a collective that every process must enter."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def trainable_state(accelerator: Accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor] | torch.nn.Module:
+    """What :func:`save_trainable` writes, called on every process. Sharded (FSDP2 DTensors, ZeRO-3 partitions):
+    the trainable weights gathered whole by ``accelerator.get_state_dict`` (under FSDP2 only the main process
+    receives them); otherwise the unwrapped model itself."""
+    unwrapped = accelerator.unwrap_model(model)
+    if not is_sharded(accelerator):
+        return unwrapped
+    names = [name for name, p in unwrapped.named_parameters() if p.requires_grad]
+    state = accelerator.get_state_dict(model) or {}
+    return {name: state[name] for name in names if name in state}
+
+
+def save_trainable(model: torch.nn.Module | dict[str, torch.Tensor], path: Path) -> None:
+    """The trainable weights (LoRA + head, or everything for full fine-tuning), written atomically: a model's
+    parameters that require gradients, or the tensors :func:`trainable_state` gathered."""
+    if isinstance(model, dict):
+        tensors = {name: t.detach().cpu().contiguous() for name, t in model.items()}
+    else:
+        tensors = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp))
@@ -209,6 +237,34 @@ def load_trainable(model: torch.nn.Module, path: Path) -> None:
     if unknown:
         raise FinetuneError(f"{path}: weights do not match the model ({sorted(unknown)[:3]} ...)")
     model.load_state_dict(weights, strict=False)
+
+
+def load_trainable_everywhere(accelerator: Accelerator, model: torch.nn.Module, path: Path) -> None:
+    """:func:`load_trainable` on every process, into sharded parameters too: FSDP2 scatters the whole tensors to
+    its DTensor shards (``set_model_state_dict``), DeepSpeed ZeRO-3 gathers its partitions, lets the main process
+    write them, and partitions them again."""
+    from accelerate.utils import DistributedType
+
+    unwrapped = accelerator.unwrap_model(model)
+    plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type == DistributedType.DEEPSPEED else None
+    if plugin is not None and plugin.zero_stage == 3:
+        import deepspeed
+
+        names = set(load_file(str(path)))
+        params = [p for name, p in unwrapped.named_parameters() if name in names]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            if accelerator.is_main_process:
+                load_trainable(unwrapped, path)
+    elif accelerator.distributed_type == DistributedType.FSDP:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        weights = load_file(str(path))
+        unknown = set(weights) - {name for name, _ in unwrapped.named_parameters()}
+        if unknown:
+            raise FinetuneError(f"{path}: weights do not match the model ({sorted(unknown)[:3]} ...)")
+        set_model_state_dict(unwrapped, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        load_trainable(unwrapped, path)
 
 
 class GracefulStop:

@@ -106,6 +106,16 @@ class DataConfig:
     group_column: str | None = None
     """A column naming each row's group (a document, a user): every held-out split carved from train keeps all rows
     of a group on one side (stratified by label where the task stratifies)."""
+    streaming: bool = False
+    """Read the training data as a stream (``datasets`` IterableDataset), tokenized on the fly and dealt out to
+    the processes, never loaded whole: for data larger than memory or disk. Needs ``train.max_steps``; held-out
+    splits come from ``validation_file``/``test_file`` (or the Hub data set's own splits), else from the first
+    ``streaming_holdout`` examples of the stream (see ``finetune.data.load_stream``)."""
+    shuffle_buffer: int = 10_000
+    """Streaming: examples held in the shuffle buffer (0: the stream's own order)."""
+    streaming_holdout: int = 1000
+    """Streaming without a validation/test file or split: the first N streamed examples are the test split, the
+    next N the validation split, and training starts after them."""
 
     def validate(self) -> None:
         check(0 <= self.validation_size < 1, "data.validation_size", "in [0, 1)", self.validation_size)
@@ -120,6 +130,11 @@ class DataConfig:
         if self.group_column is not None:
             check(self.keeps_groups, "data.group_column", "null for this run's task (run.task does not keep a group "
                   "column through its preparation: group-aware splits are for classification)", self.group_column)
+        check(self.shuffle_buffer >= 0, "data.shuffle_buffer", ">= 0", self.shuffle_buffer)
+        check(self.streaming_holdout > 0, "data.streaming_holdout", "> 0", self.streaming_holdout)
+        if self.streaming:
+            check(not self.source.startswith("builtin:"), "data.streaming",
+                  "false for a built-in data set (they are small; stream files or Hub data sets)", self.streaming)
         for key in ("max_train_samples", "max_eval_samples", "max_test_samples"):
             value = getattr(self, key)
             check(value is None or value > 0, f"data.{key}", "a positive integer or null", value)

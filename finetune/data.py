@@ -7,6 +7,10 @@ The flow: :func:`load_raw` returns whatever splits the source has; the task lear
 
 Token lengths (:func:`length_summary`, :func:`auto_max_length`) serve ``data.max_length: auto`` and the length
 report printed before training, for tasks that measure their inputs.
+
+Streaming (``data.streaming``): :func:`load_stream` opens the training data as a ``datasets`` IterableDataset
+that is never loaded whole, and returns the small held-out splits (and a sample the task learns from) as
+ordinary datasets beside it.
 """
 
 from __future__ import annotations
@@ -390,3 +394,87 @@ def load_splits(task: Any, config: Config, raw: datasets.DatasetDict | None = No
         "validation": cap(splits["validation"], d.max_eval_samples, seed),
         "test": cap(splits["test"], d.max_test_samples, seed),
     })
+
+
+STREAM_SAMPLE_ROWS = 1000
+"""Streaming: the task learns (e.g. the label names) from the first this-many training examples."""
+STREAM_CHUNK_BYTES = 1 << 20
+"""Streaming json/txt: bytes parsed at a time (datasets' default, 10 MB, would be most of a stream's memory)."""
+
+
+def load_stream(cfg: DataConfig) -> tuple[datasets.DatasetDict, datasets.IterableDataset]:
+    """``data.streaming``: (raw splits, training stream). The raw splits are what the task learns from and
+    evaluates on, in memory: ``train`` is a sample (the first :data:`STREAM_SAMPLE_ROWS` examples the training
+    stream yields), ``validation`` and ``test`` are the validation/test files (or the Hub data set's own splits)
+    when there are any, otherwise the first ``streaming_holdout`` streamed examples are ``test`` and the next
+    ``streaming_holdout`` ``validation``; the training stream then starts after them, so no held-out example
+    is trained on. The stream yields the source's rows, unshuffled and unsharded (``finetune.batching`` does
+    that per epoch)."""
+    if cfg.source == "files":
+        if cfg.train_file is None:
+            raise DataError("data.streaming needs data.train_file (the stream to train on)")
+        stream = open_stream(Path(cfg.train_file), "data.train_file")
+        own = {name: load_file(Path(path)) for name, path in (("validation", cfg.validation_file),
+                                                              ("test", cfg.test_file)) if path is not None}
+    else:
+        try:
+            streams = datasets.load_dataset(cfg.source, cfg.hub_config, streaming=True)
+        except Exception as exc:  # offline, unknown id, bad config name
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DataError(f"could not stream Hub dataset {cfg.source!r} (data.source): {first}") from None
+        if cfg.train_split not in streams:
+            raise DataError(f"{cfg.source}: no {cfg.train_split!r} split (data.train_split); it has: "
+                            f"{', '.join(streams) or 'none'}")
+        stream = streams[cfg.train_split]
+        # The Hub data set's own held-out splits, read whole (capped by max_eval/test_samples).
+        own = {name: _materialize(streams[split], cap_rows)
+               for name, split, cap_rows in (("validation", cfg.validation_split, cfg.max_eval_samples),
+                                             ("test", cfg.test_split, cfg.max_test_samples)) if split in streams}
+    carved = 0
+    for name in ("test", "validation"):
+        if name not in own:
+            own[name] = _materialize(stream.skip(carved), cfg.streaming_holdout)
+            carved += cfg.streaming_holdout
+            if len(own[name]) == 0:
+                raise DataError(f"{describe_stream(cfg)}: too few rows to hold out a {name} split of "
+                                f"data.streaming_holdout={cfg.streaming_holdout}")
+    train = stream.skip(carved) if carved else stream
+    sample = _materialize(train, STREAM_SAMPLE_ROWS)
+    if len(sample) == 0:
+        raise DataError(f"{describe_stream(cfg)}: no training rows after the {carved} held out "
+                        f"(data.streaming_holdout)")
+    return datasets.DatasetDict({cfg.train_split: sample, cfg.validation_split: own["validation"],
+                                 cfg.test_split: own["test"]}), train
+
+
+def open_stream(path: Path, key: str) -> datasets.IterableDataset:
+    """One csv/tsv/json/jsonl/parquet/txt file as a stream (read as iterated; nothing is cached)."""
+    if not path.is_file():
+        raise DataError(f"data file not found: {path} ({key}; give {key}=PATH to where it is)")
+    builder = FILE_BUILDERS.get(path.suffix.lower())
+    if builder is None or builder == "conll":
+        raise DataError(f"{path}: cannot stream a {path.suffix!r} file ({key}); stream csv, tsv, json, jsonl, "
+                        f"parquet or txt")
+    kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
+    if builder in ("json", "text"):
+        kwargs["chunksize"] = STREAM_CHUNK_BYTES
+    return datasets.load_dataset(builder, data_files={"data": str(path.resolve())}, split="data", streaming=True,
+                                 **kwargs)
+
+
+def describe_stream(cfg: DataConfig) -> str:
+    """The training stream's name for messages: its file, or the Hub data set and split."""
+    return str(cfg.train_file) if cfg.source == "files" else f"{cfg.source} [{cfg.train_split}]"
+
+
+def _materialize(stream: datasets.IterableDataset, rows: int | None) -> datasets.Dataset:
+    """The first ``rows`` examples of a stream (all when None) as an in-memory dataset."""
+    part = stream.take(rows) if rows is not None else stream
+    try:
+        examples = list(part)
+    except Exception as exc:  # a parser error while reading
+        cause = exc.__cause__ or exc
+        message = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise DataError(f"could not read the stream: {message}") from None
+    return datasets.Dataset.from_list(examples, features=stream.features) if stream.features is not None \
+        else datasets.Dataset.from_list(examples)

@@ -298,8 +298,10 @@ def load_adapter(model: PreTrainedModel, adapter_dir: str | Path) -> PeftModel:
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
+    # DeepSpeed ZeRO-3 partitions parameters as the model loads: numel() is 0 there, ds_numel the whole size.
+    size = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731
+    trainable = sum(size(p) for p in model.parameters() if p.requires_grad)
+    return trainable, sum(size(p) for p in model.parameters())
 
 
 def write_source(path: Path, checkpoint: Checkpoint) -> None:

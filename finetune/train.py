@@ -16,6 +16,7 @@ What the loop counts and decides lives in small helpers below the class (:class:
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import math
 import re
@@ -35,12 +36,13 @@ from transformers import get_scheduler
 
 from finetune import report, report_page
 from finetune.accelerator import make_accelerator, process_group, resolve_mixed_precision
-from finetune.batching import eval_dataloader, train_dataloader
+from finetune.batching import StreamBatches, eval_dataloader, train_dataloader
 from finetune.checkpoints import (GracefulStop, TrainerState, TrainingInterrupted, check_checkpoint,
-                                  checkpoint_trainable_only, inject_fault, load_checkpoint, load_trainable,
-                                  prune_checkpoints, save_checkpoint, save_trainable)
+                                  checkpoint_trainable_only, inject_fault, is_sharded, load_checkpoint,
+                                  load_trainable_everywhere, prune_checkpoints, save_checkpoint, save_trainable,
+                                  trainable_state)
 from finetune.config import Config, DataConfig, TrainConfig, dump_config
-from finetune.data import INPUT_LENGTH, length_summary, load_raw, load_splits, shared_inputs
+from finetune.data import INPUT_LENGTH, describe_stream, length_summary, load_raw, load_splits, load_stream, shared_inputs
 from finetune.errors import FinetuneError
 from finetune.evaluation import EvalResult, evaluate
 from finetune.models import apply_lora, check_length_fits, count_parameters, resolve_checkpoint, write_source
@@ -129,6 +131,7 @@ class TrainingRun:
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=False),
             dynamo_backend="inductor" if t.compile else None,
         )
+        configure_deepspeed(self.accelerator, t)
         if t.tf32:
             enable_tf32()
         set_seed(config.run.seed)
@@ -139,8 +142,13 @@ class TrainingRun:
         config, accelerator = self.config, self.accelerator
         self.checkpoint = resolve_checkpoint(config.model)
         accelerator.print(f"model: {self.checkpoint.requested} ({self.checkpoint.source}: {self.checkpoint.path})")
+        self.stream = None
+        """data.streaming: the training stream (``self.splits['train']`` is then the sample the task learned from)."""
         with accelerator.main_process_first():
-            raw = load_raw(config.data, config.run.seed)
+            if config.data.streaming:
+                raw, self.stream = load_stream(config.data)
+            else:
+                raw = load_raw(config.data, config.run.seed)
             self.task = task = new_task(config, self.checkpoint, raw)
             self.splits = load_splits(task, config, raw)
             self.features = datasets.DatasetDict({name: task.features(split, name)
@@ -178,13 +186,21 @@ class TrainingRun:
     def _build_loop(self) -> None:
         """Dataloaders, optimizer, schedule, all prepared by Accelerate; trackers."""
         config, t, task, accelerator = self.config, self.config.train, self.task, self.accelerator
-        train_dl = train_dataloader(task, self.features["train"], config, accelerator.num_processes)
         valid_dl = eval_dataloader(task, self.features["validation"], config.eval.batch_size)
         test_dl = eval_dataloader(task, self.features["test"], config.eval.batch_size)
         optimizer = make_optimizer(self.model, t)
-        self.model, self.optimizer, self.train_dl, self.valid_dl, self.test_dl = accelerator.prepare(
-            self.model, optimizer, train_dl, valid_dl, test_dl)
-        self.schedule = Schedule(t, len(self.train_dl))
+        if self.stream is not None:
+            # A stream is sharded by StreamBatches itself: accelerate's dispatching would read it all on the main
+            # process and send every batch over.
+            self.model, self.optimizer, self.valid_dl, self.test_dl = accelerator.prepare(
+                self.model, optimizer, valid_dl, test_dl)
+            self.train_dl = StreamBatches(task, self.stream, config, accelerator, describe_stream(config.data))
+            self.schedule = Schedule(t, None)
+        else:
+            train_dl = train_dataloader(task, self.features["train"], config, accelerator.num_processes)
+            self.model, self.optimizer, self.train_dl, self.valid_dl, self.test_dl = accelerator.prepare(
+                self.model, optimizer, train_dl, valid_dl, test_dl)
+            self.schedule = Schedule(t, len(self.train_dl))
         # The prepared scheduler steps once per process per optimizer step, hence the scaling.
         scheduler = get_scheduler(t.scheduler, self.optimizer,
                                   num_warmup_steps=int(t.warmup_ratio * self.schedule.max_steps) * accelerator.num_processes,
@@ -215,8 +231,9 @@ class TrainingRun:
             write_source(run.source, self.checkpoint)
             report.truncate_log(run.log, self.state.global_step)
         t, s = self.config.train, self.schedule
-        accelerator.print(f"training: {s.max_steps} optimizer steps, {s.num_epochs} epoch(s) of {s.steps_per_epoch} "
-                          f"steps, effective batch {t.batch_size * accelerator.num_processes * t.gradient_accumulation_steps}"
+        epochs = (f"{s.num_epochs} epoch(s) of {s.steps_per_epoch} steps" if s.steps_per_epoch
+                  else f"streamed from {describe_stream(self.config.data)}")
+        accelerator.print(f"training: {s.max_steps} optimizer steps, {epochs}, effective batch {t.batch_size * accelerator.num_processes * t.gradient_accumulation_steps}"
                           f" = {t.batch_size} per device x {accelerator.num_processes} process(es) x "
                           f"{t.gradient_accumulation_steps} accumulation")
         accelerator.print(f"training length: {s.describe()}")
@@ -231,14 +248,21 @@ class TrainingRun:
         done = state.global_step >= self.schedule.max_steps
         self.model.train()
         with GracefulStop() as stop:
-            for epoch in range(state.epoch, self.schedule.num_epochs):
+            # A stream's epochs are counted as they end: the loop runs until max_steps.
+            epochs = itertools.count(state.epoch) if self.stream is not None else range(state.epoch,
+                                                                                          self.schedule.num_epochs)
+            for epoch in epochs:
                 if done:
                     break
-                self.train_dl.set_epoch(epoch)
                 skip = state.batches_in_epoch if epoch == state.epoch else 0
-                # skip_first_batches drops indices from the batch sampler: no data is loaded for skipped batches.
-                batches = accelerator.skip_first_batches(self.train_dl, skip) if skip else self.train_dl
+                if self.stream is not None:
+                    batches = self.train_dl.epoch(epoch, skip)
+                else:
+                    self.train_dl.set_epoch(epoch)
+                    # skip_first_batches drops indices from the batch sampler: no data is loaded for skipped batches.
+                    batches = accelerator.skip_first_batches(self.train_dl, skip) if skip else self.train_dl
                 state.epoch, state.batches_in_epoch = epoch, skip
+                self.schedule.epoch = epoch
                 for batch in batches:
                     loss = self._train_step(batch)
                     state.batches_in_epoch += 1
@@ -247,6 +271,11 @@ class TrainingRun:
                         done = self._after_optimizer_step(epoch, stop)
                         if done:
                             break
+                if self.stream is not None and not done:
+                    if state.batches_in_epoch == 0:
+                        raise FinetuneError(f"{describe_stream(self.config.data)}: the training stream has fewer "
+                                            f"than train.batch_size x processes examples")
+                    state.epoch, state.batches_in_epoch = epoch + 1, 0  # the stream ran out: the next epoch
         self.progress.close()
 
     def _train_step(self, batch: dict[str, Any]) -> float:
@@ -279,7 +308,8 @@ class TrainingRun:
         self.progress.update(1)
         if schedule.log_now(state.global_step):
             self._log_training()
-        end_of_epoch = state.batches_in_epoch == len(self.train_dl)
+        # A stream's end is known only when it runs out (in fit).
+        end_of_epoch = self.stream is None and state.batches_in_epoch == len(self.train_dl)
         done = state.global_step >= schedule.max_steps
         with self.throughput.paused():
             if schedule.validate_now(state.global_step, end_of_epoch, done):
@@ -325,8 +355,9 @@ class TrainingRun:
         improved = state.improves(value, self.task.metrics_higher_is_better[t.metric_for_best])
         if improved:
             state.best_metric, state.best_step, state.evals_without_improvement = value, state.global_step, 0
+            best = trainable_state(accelerator, self.model)  # every process: a collective when sharded
             if accelerator.is_main_process:
-                save_trainable(accelerator.unwrap_model(self.model), self.run.best_weights)
+                save_trainable(best, self.run.best_weights)
         else:
             state.evals_without_improvement += 1
         state.last_eval_step = state.global_step
@@ -350,20 +381,24 @@ class TrainingRun:
         throughput = self.throughput.summary()
         unwrapped = accelerator.unwrap_model(self.model)
         if run.best_weights.is_file():
-            load_trainable(unwrapped, run.best_weights)
+            load_trainable_everywhere(accelerator, self.model, run.best_weights)
             accelerator.print(f"best checkpoint: step {state.best_step} "
                               f"({self.config.train.metric_for_best} {state.best_metric:.4f})")
         if task.calibrates:
             # Decision thresholds and the like are tuned on validation only, then applied to the test split.
             task.calibrate(self._evaluate(self.valid_dl, "validation").outputs)
         result = self._evaluate(self.test_dl, "test")
+        # Sharded weights are gathered whole first, by every process (under FSDP2 the main process receives them).
+        whole = accelerator.get_state_dict(self.model) if is_sharded(accelerator) else None
         if accelerator.is_main_process:
             baselines = task.baselines(self.splits)  # TF-IDF fits take a while: once, where the report is written
             weights = run.weights_for(self.config.lora.method)
-            unwrapped.save_pretrained(str(weights), safe_serialization=True)
+            unwrapped.save_pretrained(str(weights), safe_serialization=True, state_dict=whole)
             task.tokenizer.save_pretrained(str(weights))
             task.save(weights)
             summary = {**self._summary(result, baselines), "throughput": throughput}
+            if self.stream is not None:  # the streamed examples trained on, not the sample the task learned from
+                summary["split_sizes"]["train"] = throughput["samples"]
             if run.before_training.is_file():
                 summary["before_training"] = json.loads(run.before_training.read_text(encoding="utf-8"))
             report.write_run(run, self.config, task, result, summary)
@@ -486,9 +521,11 @@ set)."""
 class Schedule:
     """How long the run is, and when it logs, validates, checkpoints and stops early."""
 
-    def __init__(self, train: TrainConfig, batches_per_epoch: int):
+    def __init__(self, train: TrainConfig, batches_per_epoch: int | None):
+        """``batches_per_epoch`` None: a stream, of unknown length (``train.max_steps`` is required then)."""
         self.train = train
-        self.steps_per_epoch = math.ceil(batches_per_epoch / train.gradient_accumulation_steps)
+        self.epoch = 0
+        """The epoch being trained (set by the loop): what a stream's log records say."""
         self.eval_every = train.eval_every_steps
         self.patience = train.early_stopping_patience
         self.reason = ""
@@ -496,6 +533,11 @@ class Schedule:
         self.validate_each_epoch = True
         """An auto-sized run validates every ``eval_every`` steps only: on a small split, epochs of a few steps
         would spend the early-stopping patience in a few dozen steps."""
+        if batches_per_epoch is None:
+            self.steps_per_epoch, self.max_steps, self.num_epochs = None, train.max_steps, None
+            self.reason = f"train.max_steps={train.max_steps}, streamed"
+            return
+        self.steps_per_epoch = math.ceil(batches_per_epoch / train.gradient_accumulation_steps)
         if train.max_steps:
             self.max_steps = train.max_steps
             self.reason = f"train.max_steps={train.max_steps}"
@@ -520,6 +562,8 @@ class Schedule:
         return text
 
     def epoch_of(self, step: int) -> float:
+        if self.steps_per_epoch is None:
+            return float(self.epoch)
         return round(step / self.steps_per_epoch, 4)
 
     def log_now(self, step: int) -> bool:
@@ -618,6 +662,20 @@ class Throughput:
 
     def _sum(self, value: int | torch.Tensor) -> float:
         return self.accelerator.reduce(torch.as_tensor(value, device=self.accelerator.device), "sum").item()
+
+
+def configure_deepspeed(accelerator: Accelerator, train: TrainConfig) -> None:
+    """Under DeepSpeed: the micro batch, which accelerate would read from the train DataLoader's ``batch_size``
+    (None here: batches come from a batch sampler, or from a stream), and the recipe's clipping, which DeepSpeed
+    applies itself inside its step (``accelerator.clip_grad_norm_`` only reports the norm there; ``auto`` would
+    become accelerate's 1.0)."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return
+    config = plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = train.batch_size
+    if config.get("gradient_clipping", "auto") == "auto":
+        config["gradient_clipping"] = train.max_grad_norm or 0.0
 
 
 def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Optimizer:

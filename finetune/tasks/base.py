@@ -86,6 +86,8 @@ class Task:
     eval_pad_values: ClassVar[dict[str, float]] = {}
     """Value that pads each ``eval_step`` output of rank >= 2 across batches and processes (default 0)."""
     pipeline_tag: ClassVar[str] = ""
+    streams: ClassVar[bool] = False
+    """Whether the task can train on a stream (``data.streaming``): it implements :meth:`prepare_stream`."""
     predict_example: ClassVar[str] = "--input inputs.jsonl"
     """Arguments of an example ``finetune predict`` command, printed at the end of a run."""
     calibrates: ClassVar[bool] = False
@@ -108,6 +110,10 @@ class Task:
         """Checks that span sections (each section checks its own keys); raise ConfigError naming the key."""
         check(config.train.metric_for_best in cls.metrics_higher_is_better, "train.metric_for_best",
               f"one of {', '.join(cls.metrics_higher_is_better)} for task {cls.name}", config.train.metric_for_best)
+        if config.data.streaming:
+            check(cls.streams, "data.streaming", f"false: task {cls.name} does not stream its data (yet)", True)
+            check(config.train.max_steps is not None, "train.max_steps",
+                  "a number of optimizer steps when data.streaming is true (a stream has no length)", None)
 
     # --- 2. learn, 3. bind ------------------------------------------------------------------------
     def learn(self, raw: datasets.DatasetDict, checkpoint: Checkpoint) -> Learned:
@@ -149,6 +155,12 @@ class Task:
         """Check every row of every split the source has and normalise columns, before held-out splits
         are made. Errors name the file or split, the row and the column."""
         return raw
+
+    def prepare_stream(self, stream: datasets.IterableDataset, where: str) -> datasets.IterableDataset:
+        """``data.streaming``: :meth:`prepare` for the training stream, row by row as it is read (lazily, with
+        known features so that :meth:`features` can tokenize it on the fly). Errors name ``where`` and the row's
+        content (a shuffled stream has no row numbers)."""
+        raise NotImplementedError
 
     def describe(self, splits: datasets.DatasetDict) -> list[str]:
         """Lines describing the splits (sizes, label counts) printed before training."""

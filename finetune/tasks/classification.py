@@ -119,6 +119,7 @@ class ClassificationTask(Task):
     input_columns = ("text", "text_pair")
     stratify_column = "label"
     pipeline_tag = "text-classification"
+    streams = True
     predict_example = '--text "what a lovely day"'
     data: ClassificationData
     eval: ClassificationEval
@@ -287,6 +288,31 @@ class ClassificationTask(Task):
             dataset = dataset.add_column(GROUP, [None if g is None else str(g) for g in group])
         return dataset.add_column("label", encoded, feature=feature)
 
+    def prepare_stream(self, stream: datasets.IterableDataset, where: str) -> datasets.IterableDataset:
+        """:meth:`prepare` row by row: texts checked, labels encoded with the names learned from the first
+        streamed rows (a label that appears only later stops the run, naming it)."""
+        d, names = self.data, list(self.learned.labels)
+        index = {name: i for i, name in enumerate(names)}
+        renames = {d.text_column: "text"} | ({d.text_pair_column: "text_pair"} if d.text_pair_column else {})
+        selected = list(renames) + [d.label_column]
+
+        def check_row(row: dict[str, Any]) -> dict[str, Any]:
+            for column in renames:
+                if not isinstance(row[column], str) or not row[column].strip():
+                    raise DataError(f"{where}: a streamed row has an empty or missing text in column {column!r} "
+                                    f"({row[column]!r}); row: {_shorten(row)}")
+            value = row[d.label_column]
+            if isinstance(value, (list, tuple, dict)) or _label_name(value) not in index:
+                raise DataError(f"{where}: a streamed row has label {value!r} (column {d.label_column!r}), not "
+                                f"among the labels of the first streamed rows ({', '.join(names)}); row: "
+                                f"{_shorten(row)}")
+            return {new: row[old] for old, new in renames.items()} | {"label": index[_label_name(value)]}
+
+        features = datasets.Features({new: datasets.Value("string") for new in renames.values()}
+                                     | {"label": datasets.ClassLabel(names=names)})
+        return stream.select_columns(selected).map(
+            check_row, features=features, remove_columns=[c for c in selected if c not in features])
+
     def describe(self, splits: datasets.DatasetDict) -> list[str]:
         lines = [getattr(self, "length_note", f"data.max_length={self.learned.max_length}")]
         for name, split in splits.items():
@@ -320,8 +346,10 @@ class ClassificationTask(Task):
             encoded[INPUT_LENGTH] = token_counts(tokenizer, batch["text"], pairs)
             return encoded
 
+        # A stream (data.streaming) is tokenized lazily, as it is read; it has no progress bar.
+        progress = {"desc": f"tokenizing {split}"} if isinstance(examples, datasets.Dataset) else {}
         return examples.map(tokenize, batched=True, remove_columns=[c for c in examples.column_names if c != "label"],
-                            desc=f"tokenizing {split}")
+                            **progress)
 
     def collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         keep = [{k: v for k, v in f.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
@@ -794,3 +822,9 @@ def _check_texts(dataset: datasets.Dataset, column: str, where: str) -> None:
     for row, value in enumerate(dataset[column][:]):
         if not isinstance(value, str) or not value.strip():
             raise DataError(f"{where}: row {row + 1}, column {column!r}: empty or missing text ({value!r})")
+
+
+def _shorten(row: dict[str, Any], limit: int = 120) -> str:
+    """A row for an error message, cut to ``limit`` characters."""
+    text = repr(row)
+    return text if len(text) <= limit else text[:limit] + "..."
