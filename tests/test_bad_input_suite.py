@@ -233,10 +233,16 @@ def workspace(root: Path) -> Path:
     damaged("truncated", lambda run: (run / "adapter" / "adapter_model.safetensors").write_bytes(b"\x00" * 16))
     damaged("badjson", lambda run: (run / "adapter" / "adapter_config.json").write_text("{not json", encoding="utf-8"))
     damaged("notask", lambda run: (run / "adapter" / "task.json").unlink())
-    damaged("fivelabels", lambda run: (run / "adapter" / "task.json").write_text(json.dumps(
-        {"task": "classification", "learned": {"labels": ["a", "b", "c", "d", "e"]}}), encoding="utf-8"))
+    damaged("fivelabels", lambda run: five_labels(run / "adapter" / "task.json"))
     damaged("killed", lambda run: (run / "metrics.json").unlink())
     return ws
+
+
+def five_labels(task_file: Path) -> None:
+    """A task.json that is well formed but names five labels for a three-label head."""
+    saved = json.loads(task_file.read_text(encoding="utf-8"))
+    saved["learned"]["labels"] = ["a", "b", "c", "d", "e"]
+    task_file.write_text(json.dumps(saved), encoding="utf-8")
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:

@@ -38,15 +38,21 @@ class Server:
         environment = {**os.environ, "PYTHONPATH": str(tiny_runs.ROOT), **(env or {})}
         self.process = subprocess.Popen([sys.executable, "-m", "finetune", "serve", str(run), "--port", "0", *args],
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
-        lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(line) for line in self.process.stdout], daemon=True).start()
+        lines: queue.Queue[str | None] = queue.Queue()
+        # None marks the end of stdout: a server that died at start fails the test at once, not after the timeout.
+        threading.Thread(target=lambda: [*map(lines.put, self.process.stdout), lines.put(None)], daemon=True).start()
         self.stderr: list[str] = []
-        threading.Thread(target=lambda: self.stderr.extend(self.process.stderr), daemon=True).start()
+        stderr_reader = threading.Thread(target=lambda: self.stderr.extend(self.process.stderr), daemon=True)
+        stderr_reader.start()
         try:
             first = lines.get(timeout=STARTUP_SECONDS)
         except queue.Empty:
             self.close()
             pytest.fail(f"finetune serve printed nothing within {STARTUP_SECONDS} s: {''.join(self.stderr)[-2000:]}")
+        if first is None:
+            stderr_reader.join(timeout=10)
+            self.close()
+            pytest.fail(f"finetune serve exited at start: {''.join(self.stderr)[-2000:]}")
         if not first.startswith("serving "):
             self.close()
             pytest.fail(f"unexpected first line {first!r}; stderr: {''.join(self.stderr)[-2000:]}")

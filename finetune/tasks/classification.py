@@ -201,8 +201,11 @@ class ClassificationTask(Task):
         tokenizer = load_tokenizer(checkpoint, self.config.model)
         limit = model_length_limit(tokenizer, checkpoint, self.config.model)
         if d.max_length != "auto":
+            if int(d.max_length) > limit:  # an explicit length is never cut silently
+                raise ConfigError(f"config key 'data.max_length' must be at most {limit}, the positions this model "
+                                  f"has (or its tokenizer's model_max_length); got {d.max_length}")
             self.length_note = f"data.max_length={d.max_length}"
-            return min(int(d.max_length), limit)
+            return int(d.max_length)
         sample = train if len(train) <= LENGTH_SAMPLE else train.shuffle(seed=self.config.run.seed).select(
             range(LENGTH_SAMPLE))
         texts = [t if isinstance(t, str) else "" for t in sample[d.text_column][:]]
