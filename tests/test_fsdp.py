@@ -27,7 +27,7 @@ from test_distributed import SETTINGS
 
 import torch
 
-pytestmark = [pytest.mark.multiprocess,
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow,
               pytest.mark.skipif(torch.cuda.is_available(), reason="what accelerate does on a machine without GPUs")]
 CONFIG = ROOT / "configs" / "accelerate" / "fsdp.yaml"
 TIMEOUT = 600

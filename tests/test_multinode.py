@@ -15,7 +15,7 @@ from conftest import build_tiny_bert, synthetic_reviews, tiny_overrides, write_c
 from launching import cpu_env, run_with_free_port, tail, torchrun
 from test_distributed import SETTINGS
 
-pytestmark = pytest.mark.multiprocess
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 TIMEOUT = 600
 
 

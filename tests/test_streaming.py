@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from conftest import FILLER, NEGATIVE, NEUTRAL, POSITIVE, build_tiny_bert
 from launching import ROOT, Result, cpu_env, run_with_free_port, tail, torchrun
 
-pytestmark = pytest.mark.multiprocess
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 TIMEOUT = 600
 BIG_ROWS = 200_000
 SMALL_ROWS = BIG_ROWS // 10
