@@ -20,6 +20,7 @@ import json
 import math
 import re
 import signal
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,11 +43,13 @@ from finetune.config import Config, DataConfig, TrainConfig, dump_config
 from finetune.data import load_raw, load_splits, shared_inputs
 from finetune.errors import FinetuneError
 from finetune.evaluation import EvalResult, evaluate
-from finetune.models import apply_lora, check_length_fits, count_parameters, resolve_checkpoint, write_source
+from finetune.models import (apply_lora, check_length_fits, count_parameters, enable_gradient_checkpointing,
+                             quantized_loading, resolve_checkpoint, write_source)
 from finetune.recipes import load_config
 from finetune.run_folder import RunFolder, RunLock, clear_failure, data_name, default_run_name, write_failure
 from finetune.speed import apply_speed_options, enable_tf32, make_adamw
 from finetune.tasks import Task, new_task
+from finetune.tasks.base import NON_PAD_TOKENS
 
 
 def train(config: Config, recipe_name: str, overwrite: bool = False, resume: str | None = None) -> Path:
@@ -84,6 +87,7 @@ class TrainingRun:
 
     # --- setup -----------------------------------------------------------------------------------------
     def setup(self, overwrite: bool = False, resume: str | None = None) -> None:
+        quantized_loading(self.config.lora, self.config.train.mixed_precision)  # QLoRA without a GPU: stop now
         self._open_run_folder(overwrite, resume)
         self._start_accelerator()
         self._load_data()
@@ -158,15 +162,24 @@ class TrainingRun:
     def _build_model(self) -> None:
         """The task's model, with LoRA unless the recipe asks for full fine-tuning, and the speed options."""
         config = self.config
-        model = self.task.load_model(self.checkpoint)
+        model = self.task.load_model(self.checkpoint, **quantized_loading(config.lora, self.mixed_precision))
         check_length_fits(model, config.data.max_length)
+        if config.lora.quantize:
+            from peft import prepare_model_for_kbit_training
+
+            # norms and head in fp32 for stability (peft's QLoRA recipe); checkpointing is switched on below
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        if config.train.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
         self.model = apply_lora(model, config.lora, self.task.peft_task_type, self.task.modules_to_save)
         self.trainable, self.total = count_parameters(self.model)
         self.accelerator.print(f"parameters: {self.trainable:,} trainable of {self.total:,} "
                                f"({100 * self.trainable / self.total:.2f}%), {config.lora.method}, "
                                f"mixed precision: {self.mixed_precision}")
-        notes = apply_speed_options(self.model, config.train, config.lora.method, self.mixed_precision,
+        notes = apply_speed_options(self.model, config.train, config.lora, self.mixed_precision,
                                     on_gpu=torch.cuda.is_available())
+        if config.train.gradient_checkpointing:
+            notes.append("gradient checkpointing")
         if notes:
             self.accelerator.print("speed: " + ", ".join(notes))
 
@@ -342,6 +355,7 @@ class TrainingRun:
         """The best weights on the test split beside the baseline; the run folder, ``metrics.json`` last."""
         accelerator, run, state, task = self.accelerator, self.run, self.state, self.task
         throughput = self.throughput.summary()
+        self.memory = peak_memory()  # training's peak, before the test evaluation
         unwrapped = accelerator.unwrap_model(self.model)
         if run.best_weights.is_file():
             load_trainable(unwrapped, run.best_weights)
@@ -354,7 +368,7 @@ class TrainingRun:
             unwrapped.save_pretrained(str(weights), safe_serialization=True)
             task.tokenizer.save_pretrained(str(weights))
             task.save(weights)
-            summary = {**self._summary(result, baseline), "throughput": throughput}
+            summary = {**self._summary(result, baseline), "throughput": throughput, "peak_memory": self.memory}
             if run.before_training.is_file():
                 summary["before_training"] = json.loads(run.before_training.read_text(encoding="utf-8"))
             report.write_run(run, self.config, task, result, summary)
@@ -480,7 +494,12 @@ class Throughput:
         if math.isfinite(loss):
             self.window_loss += loss
             self.window_batches += 1
-        tokens = batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
+        if NON_PAD_TOKENS in batch:  # packed rows: no attention mask to count them with
+            tokens = batch[NON_PAD_TOKENS]
+        elif "attention_mask" in batch:
+            tokens = batch["attention_mask"].sum()
+        else:
+            tokens = batch["input_ids"].numel()
         self.window_tokens += tokens
         self.total_tokens += tokens
         self.window_samples += batch["input_ids"].shape[0]
@@ -521,6 +540,16 @@ class Throughput:
 
     def _sum(self, value: int | torch.Tensor) -> float:
         return self.accelerator.reduce(torch.as_tensor(value, device=self.accelerator.device), "sum").item()
+
+
+def peak_memory() -> dict[str, float | None]:
+    """``metrics.json`` ``peak_memory``: the process's peak resident memory so far (loading included) and, on a
+    GPU, the peak memory torch allocated on it, in MiB."""
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
+    gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    return {"rss_mib": round(rss, 1), "gpu_mib": None if gpu is None else round(gpu, 1)}
 
 
 def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
