@@ -432,7 +432,7 @@ def training_flops_per_token(model: torch.nn.Module, batch: dict[str, torch.Tens
     from torch.utils.flop_counter import FlopCounterMode
 
     model.train()
-    batch = {k: v for k, v in batch.items() if k != "non_pad_tokens"}
+    batch = {k: v for k, v in batch.items() if k not in ("non_pad_tokens", "packed_samples")}
     counter = FlopCounterMode(display=False)
     with counter:
         model(**batch).loss.backward()

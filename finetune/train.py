@@ -49,7 +49,7 @@ from finetune.recipes import load_config
 from finetune.run_folder import RunFolder, RunLock, clear_failure, data_name, default_run_name, write_failure
 from finetune.speed import apply_speed_options, enable_tf32, make_adamw
 from finetune.tasks import Task, new_task
-from finetune.tasks.base import NON_PAD_TOKENS
+from finetune.tasks.base import NON_PAD_TOKENS, PACKED_SAMPLES
 
 
 def train(config: Config, recipe_name: str, overwrite: bool = False, resume: str | None = None) -> Path:
@@ -502,8 +502,9 @@ class Throughput:
             tokens = batch["input_ids"].numel()
         self.window_tokens += tokens
         self.total_tokens += tokens
-        self.window_samples += batch["input_ids"].shape[0]
-        self.total_samples += batch["input_ids"].shape[0]
+        samples = batch[PACKED_SAMPLES] if PACKED_SAMPLES in batch else batch["input_ids"].shape[0]
+        self.window_samples += samples
+        self.total_samples += samples
 
     @contextmanager
     def paused(self) -> Iterator[None]:

@@ -127,6 +127,7 @@ def test_packed_loss_equals_unpacked_loss(tokenizer, kind, attn):
     assert chunked_unpacked.item() == pytest.approx(unpacked.item(), rel=1e-5)
     # and the packed batch counts its real tokens, not its padding
     assert packed_batch["non_pad_tokens"].item() == sum(lengths)
+    assert packed_batch["packed_samples"].item() == len(samples)
     assert abs(leaky.item() - unpacked.item()) > 1e-2
     assert abs(cached.item() - unpacked.item()) > 1e-2
 

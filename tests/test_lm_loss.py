@@ -66,7 +66,7 @@ def test_chunked_loss_equals_the_plain_loss_in_values_and_gradients(tokenizer, s
     if packed:
         rows = pack_sft_features(rows, max_length=40)
     batch = collate_causal_lm(rows, tokenizer.pad_token_id, pad_to_multiple_of=8)
-    plain = {k: v for k, v in batch.items() if k != "non_pad_tokens"}
+    plain = lm_loss.model_inputs(batch)
     expected, expected_grads = loss_and_gradients(model, plain, chunked=False, autocast=False)
     actual, grads = loss_and_gradients(model, batch, chunked=True, autocast=False)
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)

@@ -98,6 +98,8 @@ def test_a_packed_checkpointed_run_reports_peak_memory_and_real_tokens(tmp_path:
     assert memory["rss_mib"] > 100 and memory["gpu_mib"] is None
     # tokens counted are the packed rows' real tokens (no padding), over the one epoch
     task = bound_task(config)
-    train_features = task.features(load_splits(task, config)["train"], "train")
-    assert "position_ids" in train_features.column_names  # packed
+    train_examples = load_splits(task, config)["train"]
+    train_features = task.features(train_examples, "train")
+    assert "position_ids" in train_features.column_names and len(train_features) < len(train_examples)  # packed
     assert metrics["throughput"]["tokens"] == sum(train_features["length"])
+    assert metrics["throughput"]["samples"] == len(train_examples)  # samples, not packed rows

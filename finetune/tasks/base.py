@@ -43,11 +43,14 @@ from finetune.run_folder import write_task_file
 NON_PAD_TOKENS = "non_pad_tokens"
 """Batch key: how many of a batch's input tokens are real, for a batch that has no attention mask to count them
 (packed rows). The loop's throughput reads it; :func:`model_inputs` leaves it out of what the model gets."""
+PACKED_SAMPLES = "packed_samples"
+"""Batch key: how many samples a batch of packed rows holds (its rows count them otherwise); like
+:data:`NON_PAD_TOKENS`, for the loop's throughput only."""
 
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     """What of a collated batch goes to the model (all but the loop's own keys)."""
-    return {k: v for k, v in batch.items() if k != NON_PAD_TOKENS}
+    return {k: v for k, v in batch.items() if k not in (NON_PAD_TOKENS, PACKED_SAMPLES)}
 
 
 @dataclasses.dataclass(frozen=True)

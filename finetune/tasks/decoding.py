@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase, TextStreamer
 
 from finetune.errors import ModelError
-from finetune.tasks.base import NON_PAD_TOKENS
+from finetune.tasks.base import NON_PAD_TOKENS, PACKED_SAMPLES
 from finetune.tasks.lm_loss import IGNORE_INDEX, causal_lm_nll
 
 LOGITS_PER_FORWARD = 2**26  # ~256 MB of fp32 logits per evaluation forward pass
@@ -139,7 +139,8 @@ def collate_causal_lm(features: Sequence[dict[str, Any]], pad_id: int,
     each position reset as a sample boundary and builds a block-diagonal causal mask in the form the
     attention kernel wants (it skips that detection whenever a KV cache exists, and models create
     one by default). Their padding becomes one more sample (positions from 0, no targets) that no
-    real token can see, being last; ``NON_PAD_TOKENS`` counts their real tokens."""
+    real token can see, being last; ``NON_PAD_TOKENS`` counts their real tokens, ``PACKED_SAMPLES`` their
+    samples."""
     width = max(len(f["input_ids"]) for f in features)
     if pad_to_multiple_of:
         width = math.ceil(width / pad_to_multiple_of) * pad_to_multiple_of
@@ -160,6 +161,7 @@ def collate_causal_lm(features: Sequence[dict[str, Any]], pad_id: int,
     if packed:
         batch.update(position_ids=positions, use_cache=False)
         batch[NON_PAD_TOKENS] = mask.sum()
+        batch[PACKED_SAMPLES] = ((positions == 0) & (mask == 1)).sum()  # each sample starts at position 0
     else:
         batch["attention_mask"] = mask
     return batch
