@@ -76,11 +76,19 @@ test-fast: install
 # Ours vs transformers' Trainer + peft, side by side (BENCHMARKS.md); BENCH_ARGS go to both task benches,
 # e.g. BENCH_ARGS="--rounds 1". Then the serving load test (bench/serve.py, loopback). Every bench runs; the
 # target fails if any reported worse quality (or, for serving, a failed request).
+# GRID_ARGS go to the classification grid (bench/grid.py; e.g. GRID_ARGS=--quick for one cell); the SFT bench runs
+# on two shapes (the recipe's, and rows of 512 tokens), then the longest SFT sequence in a memory budget.
+# bench/gpu.py is the GPU run (not part of `make bench`).
 BENCH_ARGS ?=
+GRID_ARGS ?=
 bench: install
 	@status=0; \
 	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE-1} $(PYTHON) bench/classification.py $(BENCH_ARGS) || status=1; \
+	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE-1} $(PYTHON) bench/grid.py $(GRID_ARGS) || status=1; \
 	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE-1} $(PYTHON) bench/generation.py $(BENCH_ARGS) || status=1; \
+	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE-1} $(PYTHON) bench/generation.py --set data.max_length=512 \
+		--set train.batch_size=4 $(BENCH_ARGS) || status=1; \
+	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE-1} $(PYTHON) bench/sft_memory.py || status=1; \
 	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE-1} $(PYTHON) bench/memory.py || status=1; \
 	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE-1} $(PYTHON) bench/serve.py || status=1; \
 	exit $$status

@@ -250,7 +250,9 @@ def counting_trainer():
         samples = 0
 
         def training_step(self, model, inputs, *args, **kwargs):
-            self.tokens = self.tokens + inputs["attention_mask"].sum()
+            # a padding-free collator (DataCollatorWithFlattening) sends one row without padding or mask
+            real = inputs["attention_mask"].sum() if "attention_mask" in inputs else inputs["input_ids"].numel()
+            self.tokens = self.tokens + real
             self.samples += inputs["input_ids"].shape[0]
             return super().training_step(model, inputs, *args, **kwargs)
 
@@ -262,7 +264,8 @@ class Bench:
     """Data, checkpoint, baseline and evaluation shared by both sides of one benchmark (built once, outside
     every measured run). ``collator`` is the data collator a Trainer user would pick for the task."""
 
-    def __init__(self, config, collator: Callable[[Any, int | None], Callable]) -> None:
+    def __init__(self, config, collator: Callable[[Any, int | None], Callable],
+                 baseline_train: Any = None) -> None:
         import datasets
         from transformers import logging as hf_logging
 
@@ -282,6 +285,10 @@ class Bench:
         self.splits = load_splits(self.task, config, raw)
         self.features = datasets.DatasetDict({name: self.task.features(split, name)
                                               for name, split in self.splits.items()})
+        self.baseline_train = self.features["train"] if baseline_train is None else baseline_train
+        """The baseline's training features: ours, or (SFT) the unpacked ones a Trainer user starts from."""
+        self.baseline_batch_size: int | None = None
+        """The baseline's batch size when not the recipe's (SFT: as many samples per step as our packed rows)."""
 
     def describe(self, steps: int) -> str:
         t, d = self.config.train, self.config.data
@@ -296,8 +303,9 @@ class Bench:
 
         from finetune.models import DEFAULT_TARGET_MODULES
 
+        dtype = {"bf16": torch.bfloat16}.get(getattr(self, "baseline_dtype", "auto"), "auto")
         model = self.task.auto_class.from_pretrained(self.checkpoint.path, gguf_file=self.checkpoint.gguf_file,
-                                                     **self.task.model_kwargs())
+                                                     dtype=dtype, **self.task.model_kwargs())
         lora = self.config.lora
         targets = lora.target_modules or DEFAULT_TARGET_MODULES.get(model.config.model_type, "all-linear")
         return get_peft_model(model, LoraConfig(task_type=self.task.peft_task_type, r=lora.r,
@@ -306,9 +314,10 @@ class Bench:
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token on a batch of equally long examples (no padding) of the median length."""
-        lengths = sorted(self.features["train"]["length"])
+        train = self.baseline_train  # unpacked: each row one example with its attention mask
+        lengths = sorted(train["length"])
         median = lengths[len(lengths) // 2]
-        rows = self.features["train"].filter(lambda r: r["length"] == median)
+        rows = train.filter(lambda r: r["length"] == median)
         batch = self.task.collate(list(rows.select(range(min(8, len(rows))))))
         batch = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
         return training_flops_per_token(self.build_model(), batch)
@@ -348,7 +357,7 @@ class Bench:
         timer = baseline_timer()
         with tempfile.TemporaryDirectory() as tmp:
             args = TrainingArguments(
-                output_dir=tmp, max_steps=steps, per_device_train_batch_size=t.batch_size,
+                output_dir=tmp, max_steps=steps, per_device_train_batch_size=self.baseline_batch_size or t.batch_size,
                 gradient_accumulation_steps=t.gradient_accumulation_steps, learning_rate=t.learning_rate,
                 weight_decay=t.weight_decay, warmup_steps=int(t.warmup_ratio * steps), lr_scheduler_type=t.scheduler,
                 max_grad_norm=t.max_grad_norm or 0.0, bf16=precision == "bf16",
@@ -356,7 +365,7 @@ class Bench:
                 dataloader_num_workers=dataloader_workers(self.config), seed=self.config.run.seed, eval_strategy="no",
                 save_strategy="no", logging_strategy="no", report_to="none", disable_tqdm=True,
                 use_cpu=not torch.cuda.is_available(), tf32=True if torch.cuda.is_available() else None)
-            trainer = counting_trainer()(model=model, args=args, train_dataset=self.features["train"],
+            trainer = counting_trainer()(model=model, args=args, train_dataset=self.baseline_train,
                                          data_collator=collator, processing_class=self.tokenizer, callbacks=[timer])
             with quiet():
                 trainer.train()
@@ -386,7 +395,12 @@ def compare(bench: Bench, recipe: Path, args: argparse.Namespace, overrides: lis
     from finetune.recipes import load_config
 
     peaks = args.peaks
+    bench.baseline_dtype = args.baseline_dtype
+    baseline_steps = getattr(args, "baseline_steps", None) or args.steps
     print(bench.describe(args.steps), flush=True)
+    if bench.baseline_train is not bench.features["train"]:
+        print(f"  baseline: {len(bench.baseline_train)} train features (unpacked), {baseline_steps} steps of batch "
+              f"{bench.baseline_batch_size or bench.config.train.batch_size}", flush=True)
     flops = bench.flops_per_token()
     warm = [f"train.max_steps={args.warmup_steps}", "data.max_eval_samples=64", "data.max_test_samples=64"]
     print(f"warm-up ({args.warmup_steps} steps per side, not measured)", flush=True)
@@ -395,7 +409,7 @@ def compare(bench: Bench, recipe: Path, args: argparse.Namespace, overrides: lis
 
     variants = parse_variants(args.variant)
     sides = {"ours": lambda r: measure("ours", r, lambda: run_ours(recipe, overrides, args.output, f"ours-{r}")),
-             "baseline": lambda r: measure("baseline", r, lambda: bench.run_baseline(args.steps, baseline_precision))}
+             "baseline": lambda r: measure("baseline", r, lambda: bench.run_baseline(baseline_steps, baseline_precision))}
     for name, extra in variants.items():
         sides[name] = lambda r, n=name, e=extra: measure(n, r, lambda: run_ours(recipe, [*overrides, *e],
                                                                                 args.output, f"{n}-{r}"))
@@ -418,6 +432,7 @@ def training_flops_per_token(model: torch.nn.Module, batch: dict[str, torch.Tens
     from torch.utils.flop_counter import FlopCounterMode
 
     model.train()
+    batch = {k: v for k, v in batch.items() if k not in ("non_pad_tokens", "packed_samples")}
     counter = FlopCounterMode(display=False)
     with counter:
         model(**batch).loss.backward()
@@ -494,6 +509,8 @@ def common_arguments(parser: argparse.ArgumentParser, steps: int | None, rounds:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--baseline-precision", choices=["auto", "bf16", "fp32"], default="auto",
                         help="auto: time a short Trainer run in each and keep its faster one")
+    parser.add_argument("--baseline-dtype", choices=["auto", "bf16"], default="auto",
+                        help="the baseline model's weights: as saved (auto), or loaded in bf16 (a GPU user's pick)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="recipe override for both sides (e.g. train.batch_size=16)")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",

@@ -161,11 +161,22 @@ class LoraSettings:
     dropout: float = 0.1
     target_modules: list[str] | None = None
     """Module names to adapt; null picks a default for the architecture."""
+    use_dora: bool = False
+    """DoRA (weight-decomposed LoRA): a trained magnitude per output feature on top of LoRA's direction; slower
+    per step than LoRA (the fused LoRA layer does not apply to it)."""
+    use_rslora: bool = False
+    """rsLoRA: scale the adapter by ``alpha / sqrt(r)`` instead of ``alpha / r`` (keeps high ranks learning)."""
+    quantize: Literal["4bit"] | None = None
+    """QLoRA: ``4bit`` loads the frozen base in 4-bit NF4 (bitsandbytes, CUDA GPUs only) and trains LoRA on it."""
 
     def validate(self) -> None:
         check(self.r > 0, "lora.r", "> 0", self.r)
         check(self.alpha > 0, "lora.alpha", "> 0", self.alpha)
         check(0 <= self.dropout < 1, "lora.dropout", "in [0, 1)", self.dropout)
+        if self.method == "full":
+            for key in ("use_dora", "use_rslora", "quantize"):
+                check(not getattr(self, key), f"lora.{key}", "unset with lora.method=full (it is a LoRA setting)",
+                      getattr(self, key))
 
 
 @dataclass
@@ -221,6 +232,12 @@ class TrainConfig:
     """torch's fused AdamW kernel where the parameters' device supports it."""
     compile: bool = False
     """``torch.compile`` the model (slow to start; pays off only on long runs, mostly on GPUs)."""
+    chunked_loss: bool = True
+    """Decoder LMs: the loss from the final hidden states and the output layer a chunk of target tokens at a time,
+    never the logits of every position (less memory; the same loss and gradients to rounding)."""
+    gradient_checkpointing: bool = False
+    """Keep only each layer's input in the forward pass and recompute the rest in the backward pass: much less
+    activation memory (longer sequences, larger batches) for about a third more compute."""
     tf32: bool = True
     """On CUDA, TF32 tensor cores for the matmuls that stay in fp32."""
     trackers: list[str] = field(default_factory=list)

@@ -88,7 +88,7 @@ def evaluate_run(run: Any, split: str = "test", file: Path | None = None) -> Eva
     accelerator = make_accelerator(config.train.mixed_precision)
     # The same kernels as the evaluation at the end of training: under bf16 the fused LoRA layers round
     # differently from peft's own (4th decimal of the loss); the other options leave evaluation unchanged.
-    apply_speed_options(run.model, config.train, config.lora.method, accelerator.mixed_precision,
+    apply_speed_options(run.model, config.train, config.lora, accelerator.mixed_precision,
                         on_gpu=accelerator.device.type == "cuda")
     model, dataloader = accelerator.prepare(run.model, eval_dataloader(task, features, config.eval.batch_size))
     return evaluate(task, model, dataloader, accelerator, examples, features, split=str(file or split))

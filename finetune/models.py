@@ -272,11 +272,47 @@ def apply_lora(model: PreTrainedModel, cfg: LoraSettings, task_type: str,
     from peft import LoraConfig, get_peft_model  # late: peft takes seconds to import, a recipe check needs none
 
     lora = LoraConfig(task_type=task_type, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                      target_modules=targets, modules_to_save=list(modules_to_save) or None)
+                      target_modules=targets, modules_to_save=list(modules_to_save) or None,
+                      use_dora=cfg.use_dora, use_rslora=cfg.use_rslora)
     try:
         return get_peft_model(model, lora)
     except ValueError as exc:
         raise ModelError(f"lora.target_modules {targets}: {exc}") from None
+
+
+def quantized_loading(cfg: LoraSettings, mixed_precision: str) -> dict[str, Any]:
+    """``from_pretrained`` arguments for QLoRA (``lora.quantize``): the frozen base in 4-bit NF4 with double
+    quantization through bitsandbytes, computing in the run's half precision, on this process's GPU. Without a
+    CUDA GPU or bitsandbytes: a one-line ConfigError."""
+    if not cfg.quantize:
+        return {}
+    if not torch.cuda.is_available():
+        raise ConfigError(f"config key 'lora.quantize' ({cfg.quantize!r}, QLoRA) needs a CUDA GPU: bitsandbytes' "
+                          f"4-bit layers do not train on CPUs; remove lora.quantize to train LoRA on the full-precision "
+                          f"model")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"config key 'lora.quantize' ({cfg.quantize!r}, QLoRA) needs bitsandbytes: pip install "
+                          f"bitsandbytes")
+    from accelerate import PartialState
+    from transformers import BitsAndBytesConfig
+
+    from finetune.accelerator import resolve_mixed_precision
+
+    compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_mixed_precision(mixed_precision),
+                                                                  torch.float32)
+    return {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                      bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute),
+            "device_map": {"": PartialState().local_process_index}}
+
+
+def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
+    """Activation checkpointing on every layer (``train.gradient_checkpointing``), non-reentrant: it recomputes
+    each layer in the backward pass with the same random draws (dropout), and the embeddings' output requires
+    gradients, so LoRA layers inside a checkpointed block get theirs although every base weight is frozen."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"config key 'train.gradient_checkpointing' cannot be used with {type(model).__name__}: "
+                          f"transformers does not support activation checkpointing for it; set it to false")
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 def load_adapter(model: PreTrainedModel, adapter_dir: str | Path) -> PeftModel:

@@ -20,7 +20,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from finetune.config import TrainConfig
+from finetune.config import LoraSettings, TrainConfig
 
 _INT16_OFFSET = 32768
 
@@ -112,14 +112,16 @@ class _LastCast:
 def fuse_lora_layers(model: torch.nn.Module) -> int:
     """Route peft LoRA ``Linear`` layers through :class:`LoraLinearFunction`; returns how many.
 
-    Only plain LoRA on an ``nn.Linear`` qualifies (no DoRA or other variant, no ``fan_in_fan_out``); at each
-    call the layer falls back to peft's own forward when it is merged, disabled, has several active adapters,
-    gets per-example adapter names, or its base weights require gradients."""
+    Only plain LoRA on an ``nn.Linear`` of floating-point weights qualifies (no DoRA or other variant, which
+    changes the forward; no quantized base; no ``fan_in_fan_out``); at each call the layer falls back to peft's own
+    forward when it is merged, disabled, has several active adapters, gets per-example adapter names, uses a
+    variant, or its base weights require gradients."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
     fused = 0
     for module in model.modules():
         if isinstance(module, LoraLinear) and isinstance(module.base_layer, torch.nn.Linear) \
+                and module.base_layer.weight.is_floating_point() and not module.lora_variant \
                 and not module.fan_in_fan_out and "forward" not in module.__dict__:
             module.forward = types.MethodType(_fused_lora_forward, module)
             fused += 1
@@ -258,18 +260,23 @@ def enable_tf32() -> None:
         conv.allow_tf32 = True
 
 
-def apply_speed_options(model: torch.nn.Module, train: TrainConfig, lora_method: str, mixed_precision: str,
+def apply_speed_options(model: torch.nn.Module, train: TrainConfig, lora: LoraSettings, mixed_precision: str,
                         on_gpu: bool) -> list[str]:
-    """The result-preserving speed options of ``train`` applied to ``model``; returns what was done, in words."""
+    """The result-preserving speed options of ``train`` applied to ``model``; returns what was done, in words.
+
+    DoRA and a 4-bit base (QLoRA) keep peft's own layers: DoRA's forward normalises the adapted weight (a fused
+    LoRA layer would compute another function), and its weight norm would see bf16-rounded base weights."""
     notes = []
+    plain_lora = lora.method == "lora" and not lora.use_dora and not lora.quantize
     if train.fast_dropout and not on_gpu:
         notes.append(f"fast dropout ({use_fast_dropout(model)} layers)")
-    if train.base_in_bf16 and mixed_precision == "bf16" and lora_method == "lora":
+    if train.base_in_bf16 and mixed_precision == "bf16" and plain_lora:
         notes.append(f"frozen base in bf16 ({store_frozen_linear_in_bf16(model) / 1e6:.1f}M weights)")
     if train.fast_attention and not on_gpu and use_cpu_training_attention(model):
         notes.append("CPU training attention")
-    if train.fused_lora and lora_method == "lora":
-        notes.append(f"fused LoRA ({fuse_lora_layers(model)} layers)")
+    if train.fused_lora and lora.method == "lora":
+        notes.append(f"fused LoRA ({fuse_lora_layers(model)} layers)" if plain_lora else
+                     "fused LoRA and bf16 base off (peft's own layers for DoRA / a 4-bit base)")
     if train.compile:
         notes.append("torch.compile")
     return notes

@@ -21,6 +21,7 @@ import json
 import math
 import re
 import signal
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,11 +46,13 @@ from finetune.config import Config, DataConfig, TrainConfig, dump_config
 from finetune.data import INPUT_LENGTH, describe_stream, length_summary, load_raw, load_splits, load_stream, shared_inputs
 from finetune.errors import FinetuneError
 from finetune.evaluation import EvalResult, evaluate
-from finetune.models import apply_lora, check_length_fits, count_parameters, resolve_checkpoint, write_source
+from finetune.models import (apply_lora, check_length_fits, count_parameters, enable_gradient_checkpointing,
+                             quantized_loading, resolve_checkpoint, write_source)
 from finetune.recipes import load_config
 from finetune.run_folder import RunFolder, RunLock, clear_failure, data_name, default_run_name, write_failure
 from finetune.speed import apply_speed_options, enable_tf32, make_adamw
 from finetune.tasks import Task, new_task
+from finetune.tasks.base import NON_PAD_TOKENS, PACKED_SAMPLES
 
 
 def train(config: Config, recipe_name: str, overwrite: bool = False, resume: str | None = None) -> Path:
@@ -87,6 +90,7 @@ class TrainingRun:
 
     # --- setup -----------------------------------------------------------------------------------------
     def setup(self, overwrite: bool = False, resume: str | None = None) -> None:
+        quantized_loading(self.config.lora, self.config.train.mixed_precision)  # QLoRA without a GPU: stop now
         self._open_run_folder(overwrite, resume)
         self._start_accelerator()
         self._load_data()
@@ -170,16 +174,25 @@ class TrainingRun:
     def _build_model(self) -> None:
         """The task's model, with LoRA unless the recipe asks for full fine-tuning, and the speed options."""
         config = self.config
-        model = self.task.load_model(self.checkpoint)
+        model = self.task.load_model(self.checkpoint, **quantized_loading(config.lora, self.mixed_precision))
         # data.max_length=auto was resolved by the task when it learned (within the model's positions)
         check_length_fits(model, getattr(self.task.learned, "max_length", config.data.max_length))
+        if config.lora.quantize:
+            from peft import prepare_model_for_kbit_training
+
+            # norms and head in fp32 for stability (peft's QLoRA recipe); checkpointing is switched on below
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        if config.train.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
         self.model = apply_lora(model, config.lora, self.task.peft_task_type, self.task.modules_to_save)
         self.trainable, self.total = count_parameters(self.model)
         self.accelerator.print(f"parameters: {self.trainable:,} trainable of {self.total:,} "
                                f"({100 * self.trainable / self.total:.2f}%), {config.lora.method}, "
                                f"mixed precision: {self.mixed_precision}")
-        notes = apply_speed_options(self.model, config.train, config.lora.method, self.mixed_precision,
+        notes = apply_speed_options(self.model, config.train, config.lora, self.mixed_precision,
                                     on_gpu=torch.cuda.is_available())
+        if config.train.gradient_checkpointing:
+            notes.append("gradient checkpointing")
         if notes:
             self.accelerator.print("speed: " + ", ".join(notes))
 
@@ -379,6 +392,7 @@ class TrainingRun:
         """The best weights on the test split beside the baseline; the run folder, ``metrics.json`` last."""
         accelerator, run, state, task = self.accelerator, self.run, self.state, self.task
         throughput = self.throughput.summary()
+        self.memory = peak_memory()  # training's peak, before the test evaluation
         unwrapped = accelerator.unwrap_model(self.model)
         if run.best_weights.is_file():
             load_trainable_everywhere(accelerator, self.model, run.best_weights)
@@ -396,7 +410,7 @@ class TrainingRun:
             unwrapped.save_pretrained(str(weights), safe_serialization=True, state_dict=whole)
             task.tokenizer.save_pretrained(str(weights))
             task.save(weights)
-            summary = {**self._summary(result, baselines), "throughput": throughput}
+            summary = {**self._summary(result, baselines), "throughput": throughput, "peak_memory": self.memory}
             if self.stream is not None:  # the streamed examples trained on, not the sample the task learned from
                 summary["split_sizes"]["train"] = throughput["samples"]
             if run.before_training.is_file():
@@ -621,11 +635,17 @@ class Throughput:
         if math.isfinite(loss):
             self.window_loss += loss
             self.window_batches += 1
-        tokens = batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
+        if NON_PAD_TOKENS in batch:  # packed rows: no attention mask to count them with
+            tokens = batch[NON_PAD_TOKENS]
+        elif "attention_mask" in batch:
+            tokens = batch["attention_mask"].sum()
+        else:
+            tokens = batch["input_ids"].numel()
         self.window_tokens += tokens
         self.total_tokens += tokens
-        self.window_samples += batch["input_ids"].shape[0]
-        self.total_samples += batch["input_ids"].shape[0]
+        samples = batch[PACKED_SAMPLES] if PACKED_SAMPLES in batch else batch["input_ids"].shape[0]
+        self.window_samples += samples
+        self.total_samples += samples
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -676,6 +696,16 @@ def configure_deepspeed(accelerator: Accelerator, train: TrainConfig) -> None:
     config["train_micro_batch_size_per_gpu"] = train.batch_size
     if config.get("gradient_clipping", "auto") == "auto":
         config["gradient_clipping"] = train.max_grad_norm or 0.0
+
+
+def peak_memory() -> dict[str, float | None]:
+    """``metrics.json`` ``peak_memory``: the process's peak resident memory so far (loading included) and, on a
+    GPU, the peak memory torch allocated on it, in MiB."""
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
+    gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    return {"rss_mib": round(rss, 1), "gpu_mib": None if gpu is None else round(gpu, 1)}
 
 
 def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Optimizer:

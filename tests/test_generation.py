@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from finetune.config import ModelConfig
+from finetune.models import Checkpoint
 from finetune.data import load_raw
 from finetune.errors import DataError
 from finetune.recipes import load_config
@@ -27,6 +28,7 @@ from finetune.tasks.decoding import (
     pack_sft_features,
 )
 from finetune.tasks.generation import GenerationLearned, GenerationTask
+from finetune.tasks.lm_loss import causal_lm_loss
 from tiny_decoder import build_checkpoint, build_model, build_tokenizer, synthetic_pairs, write_gguf
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -117,9 +119,39 @@ def test_packed_loss_equals_unpacked_loss(tokenizer, kind, attn):
         leaky = model(**crossing).loss
         # The same rows with a KV cache: transformers skips packed-sequence detection, samples leak.
         cached = model(**{**packed_batch, "use_cache": True}).loss
+        # The chunked loss (train.chunked_loss, the default) on the packed rows: the same loss again.
+        chunked = causal_lm_loss(model, packed_batch)
+        chunked_unpacked = causal_lm_loss(model, collate_causal_lm(samples, tokenizer.pad_token_id))
     assert packed.item() == pytest.approx(unpacked.item(), rel=1e-5)  # fp32 sums in another order
+    assert chunked.item() == pytest.approx(unpacked.item(), rel=1e-5)
+    assert chunked_unpacked.item() == pytest.approx(unpacked.item(), rel=1e-5)
+    # and the packed batch counts its real tokens, not its padding
+    assert packed_batch["non_pad_tokens"].item() == sum(lengths)
+    assert packed_batch["packed_samples"].item() == len(samples)
     assert abs(leaky.item() - unpacked.item()) > 1e-2
     assert abs(cached.item() - unpacked.item()) > 1e-2
+
+
+def test_packing_is_on_by_default_where_it_is_exact(tmp_path, tiny_llama_dir):
+    """data.packing=auto packs for architectures whose masks transformers builds from packed positions (Llama),
+    not for one that has no such masks (Mamba: a recurrent state would carry over from sample to sample)."""
+    from transformers import MambaConfig
+
+    from finetune.tasks.decoding import packs_exactly
+
+    assert packs_exactly(str(tiny_llama_dir))[0]
+    MambaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1).save_pretrained(tmp_path / "mamba")
+    exact, why = packs_exactly(str(tmp_path / "mamba"))
+    assert not exact and "Mamba" in why
+
+    config = load_config(ROOT / "recipes" / "generate.yaml", [
+        f"model.name_or_path={tiny_llama_dir}", "data.max_length=64", "data.system_prompt=null"])
+    assert config.data.packing == "auto"  # the default, and the recipe's
+    raw = datasets.DatasetDict({"train": datasets.Dataset.from_list(synthetic_pairs(40))})
+    task = GenerationTask(config)
+    task.bind(task.learn(raw, Checkpoint(str(tiny_llama_dir), str(tiny_llama_dir), "local")), build_tokenizer())
+    packed = task.features(raw["train"], "train")
+    assert "position_ids" in packed.column_names and len(packed) < 40
 
 
 def test_packing_preprocess_keeps_every_target(tmp_path, tiny_llama_dir):

@@ -42,6 +42,18 @@ from finetune.errors import RunFolderError
 from finetune.models import Checkpoint, load_pretrained
 from finetune.run_folder import write_task_file
 
+NON_PAD_TOKENS = "non_pad_tokens"
+"""Batch key: how many of a batch's input tokens are real, for a batch that has no attention mask to count them
+(packed rows). The loop's throughput reads it; :func:`model_inputs` leaves it out of what the model gets."""
+PACKED_SAMPLES = "packed_samples"
+"""Batch key: how many samples a batch of packed rows holds (its rows count them otherwise); like
+:data:`NON_PAD_TOKENS`, for the loop's throughput only."""
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """What of a collated batch goes to the model (all but the loop's own keys)."""
+    return {k: v for k, v in batch.items() if k not in (NON_PAD_TOKENS, PACKED_SAMPLES)}
+
 
 @dataclasses.dataclass(frozen=True)
 class Learned:
@@ -176,7 +188,7 @@ class Task:
 
     def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         """The training loss of one batch: the model's own by default."""
-        return model(**batch).loss
+        return model(**model_inputs(batch)).loss
 
     # --- the model --------------------------------------------------------------------------------
     def model_kwargs(self) -> dict[str, Any]:
@@ -184,8 +196,9 @@ class Task:
         card's loading code, since a head of another shape cannot take the saved adapter."""
         return {}
 
-    def load_model(self, checkpoint: Checkpoint) -> PreTrainedModel:
-        return load_pretrained(self.auto_class, checkpoint, self.config.model, **self.model_kwargs())
+    def load_model(self, checkpoint: Checkpoint, **extra: Any) -> PreTrainedModel:
+        """The base model; ``extra`` goes to ``from_pretrained`` (e.g. a quantization config for QLoRA)."""
+        return load_pretrained(self.auto_class, checkpoint, self.config.model, **self.model_kwargs(), **extra)
 
     # --- 7. evaluation ------------------------------------------------------------------------------
     def begin_evaluation(self, split: str) -> None:

@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase, TextStreamer
 
 from finetune.errors import ModelError
+from finetune.tasks.base import NON_PAD_TOKENS, PACKED_SAMPLES
+from finetune.tasks.lm_loss import IGNORE_INDEX, causal_lm_nll
 
-IGNORE_INDEX = -100  # label of a position that is not a target (prompt, padding)
 LOGITS_PER_FORWARD = 2**26  # ~256 MB of fp32 logits per evaluation forward pass
 DEFAULT_PROMPT_TEMPLATE = "### Prompt:\n{prompt}\n### Response:\n"
 """The text a response follows when the tokenizer has no chat template (``{prompt}`` is replaced)."""
@@ -105,6 +106,32 @@ def pack_sft_features(features: Sequence[dict[str, Any]], max_length: int) -> li
     return rows
 
 
+def packs_exactly(checkpoint_path: str, **config_kwargs: Any) -> tuple[bool, str]:
+    """Whether packed rows train exactly like separate samples with this checkpoint's architecture, and why.
+
+    Packed rows carry no attention mask; transformers' mask builders (``masking_utils.create_causal_mask`` and
+    its sliding-window twin) then read each restart of ``position_ids`` as a sample boundary and mask attention
+    across it. An architecture whose modeling code builds its masks another way (or code shipped with the
+    checkpoint) would let samples attend to each other, so it is not packed by default."""
+    import sys
+
+    import transformers
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(checkpoint_path, **config_kwargs)
+    except (OSError, ValueError) as exc:
+        return False, f"its config could not be read ({type(exc).__name__})"
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
+    if name is None or getattr(config, "auto_map", None):
+        return False, f"{config.model_type} is not a transformers causal LM whose masks are known"
+    module = sys.modules[getattr(transformers, name).__module__]
+    if hasattr(module, "create_causal_mask") or hasattr(module, "create_sliding_window_causal_mask"):
+        return True, f"{name} builds block-diagonal masks from packed positions"
+    return False, f"{name} builds its attention masks without transformers' packed-sequence detection"
+
+
 def collate_causal_lm(features: Sequence[dict[str, Any]], pad_id: int,
                       pad_to_multiple_of: int | None = None) -> dict[str, Any]:
     """Right-padded batch with ``labels`` (-100 on padding). Unpacked rows get an ``attention_mask``.
@@ -112,7 +139,8 @@ def collate_causal_lm(features: Sequence[dict[str, Any]], pad_id: int,
     each position reset as a sample boundary and builds a block-diagonal causal mask in the form the
     attention kernel wants (it skips that detection whenever a KV cache exists, and models create
     one by default). Their padding becomes one more sample (positions from 0, no targets) that no
-    real token can see, being last."""
+    real token can see, being last; ``NON_PAD_TOKENS`` counts their real tokens, ``PACKED_SAMPLES`` their
+    samples."""
     width = max(len(f["input_ids"]) for f in features)
     if pad_to_multiple_of:
         width = math.ceil(width / pad_to_multiple_of) * pad_to_multiple_of
@@ -132,16 +160,24 @@ def collate_causal_lm(features: Sequence[dict[str, Any]], pad_id: int,
     batch = {"input_ids": input_ids, "labels": labels}
     if packed:
         batch.update(position_ids=positions, use_cache=False)
+        batch[NON_PAD_TOKENS] = mask.sum()
+        batch[PACKED_SAMPLES] = ((positions == 0) & (mask == 1)).sum()  # each sample starts at position 0
     else:
         batch["attention_mask"] = mask
     return batch
 
 
-def token_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor],
-              max_logits: int = LOGITS_PER_FORWARD) -> tuple[torch.Tensor, torch.Tensor]:
+def token_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor], max_logits: int = LOGITS_PER_FORWARD,
+              chunked: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed NLL, number of target tokens) per row; label t is predicted from the tokens before it.
-    Rows go through the model in chunks of at most ``max_logits`` logits (rows x length x vocabulary),
-    so a large evaluation batch does not hold the logits of every row at once."""
+    ``chunked`` (``train.chunked_loss``): the logits of target positions only, a chunk of rows at a time
+    (``finetune.tasks.lm_loss``), where the model allows it. Otherwise rows go through the model in chunks
+    of at most ``max_logits`` logits (rows x length x vocabulary), so a large evaluation batch does not
+    hold the logits of every row at once."""
+    if chunked:
+        found = causal_lm_nll(model, batch)
+        if found is not None:
+            return found
     input_ids = batch["input_ids"]
     vocab = getattr(getattr(getattr(model, "module", model), "config", None), "vocab_size", None) or 1
     rows = max(1, max_logits // (input_ids.shape[1] * vocab))

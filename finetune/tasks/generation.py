@@ -37,8 +37,9 @@ from finetune.models import Checkpoint
 from finetune.tasks.base import Learned, Task
 from finetune.tasks.decoding import (DEFAULT_PROMPT_TEMPLATE, StreamWriter, build_sft_features,
                                      collate_causal_lm, encode_prompt, ensure_pad_token, eos_token_ids,
-                                     format_prompt, generate_batched, pack_sft_features, token_nll,
-                                     uses_chat_template)
+                                     format_prompt, generate_batched, pack_sft_features, packs_exactly,
+                                     token_nll, uses_chat_template)
+from finetune.tasks.lm_loss import causal_lm_loss
 
 logger = logging.getLogger(__name__)
 
@@ -67,9 +68,12 @@ class GenerationData(DataConfig):
     (some templates insert a long one: a short one saves tokens on every sample)."""
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE
     """Without a chat template: the text the response follows; ``{prompt}`` is replaced."""
-    packing: bool = False
+    packing: bool | Literal["auto"] = "auto"
     """SFT: pack several training samples into each row of up to ``max_length`` tokens; attention and
-    positions stay inside each sample. Plain text is always concatenated and cut into blocks."""
+    positions stay inside each sample, so the loss is the same as unpacked (no padding computed: faster). ``auto``
+    packs when the checkpoint's architecture masks attention across packed samples (transformers' mask builders:
+    Llama, Mistral, Qwen, GPT-2 and most others); ``true`` packs anyway. ``train.batch_size`` counts rows. Plain
+    text is always concatenated and cut into blocks."""
     overlength: Literal["truncate", "drop"] = "truncate"
     """SFT samples longer than ``max_length``: ``truncate`` (the prompt loses its start, the response its end;
     EOS is kept only with a whole response) or ``drop``; counted in the log."""
@@ -127,8 +131,16 @@ class GenerationTask(Task):
     eval: GenerationEval
 
     # --- learn and bind --------------------------------------------------------------------------
+    packing_exact: tuple[bool, str] = (False, "the checkpoint was not inspected")
+    """Whether ``data.packing=auto`` packs (set by :meth:`learn`, which sees the checkpoint), and why."""
+
     def learn(self, raw: datasets.DatasetDict, checkpoint: Checkpoint) -> GenerationLearned:
-        """The data shape: the recipe's, or the one the training split's columns show."""
+        """The data shape: the recipe's, or the one the training split's columns show. Also whether packing is
+        exact for the checkpoint's architecture (for ``data.packing=auto``; training only, so not saved)."""
+        if self.data.packing == "auto" and checkpoint is not None:  # None: only the data is looked at
+            self.packing_exact = packs_exactly(checkpoint.path, gguf_file=checkpoint.gguf_file,
+                                               revision=checkpoint.revision,
+                                               trust_remote_code=self.config.model.trust_remote_code)
         if self.data.shape != "auto":
             return GenerationLearned(self.data.shape)
         d = self.data
@@ -262,7 +274,10 @@ class GenerationTask(Task):
                         len(examples), d.max_length, policy)
         if len(features) == 0:
             raise DataError(f"{split}: every sample is longer than data.max_length={d.max_length} and was dropped")
-        if split == "train" and d.packing:
+        packing = d.packing if d.packing != "auto" else self.packing_exact[0]
+        if split == "train" and d.packing == "auto":
+            logger.info("data.packing=auto: %s (%s)", "packing" if packing else "not packing", self.packing_exact[1])
+        if split == "train" and packing:
             packed = features.map(lambda batch: _columns(pack_sft_features(_rows(batch), d.max_length)),
                                   batched=True, batch_size=TEXT_MAP_BATCH, remove_columns=features.column_names,
                                   desc="packing train")
@@ -281,11 +296,17 @@ class GenerationTask(Task):
             batch["prompt_length"] = torch.tensor([f["prompt_length"] for f in features])
         return batch
 
+    def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        """The mean over target tokens, without full logits (``train.chunked_loss``) or the model's own."""
+        if self.config.train.chunked_loss:
+            return causal_lm_loss(model, batch)
+        return super().loss(model, batch)
+
     # --- evaluation ------------------------------------------------------------------------------
     def eval_step(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         generate = batch.pop("generate", None)
         prompt_length = batch.pop("prompt_length", None)
-        nll, tokens = token_nll(model, batch)
+        nll, tokens = token_nll(model, batch, chunked=self.config.train.chunked_loss)
         outputs = {"loss": nll / tokens.clamp(min=1), "nll": nll, "tokens": tokens}
         if generate is None:
             return outputs

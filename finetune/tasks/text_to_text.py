@@ -42,6 +42,7 @@ from finetune.tasks.base import Learned, Task
 from finetune.tasks.decoding import (IGNORE_INDEX, build_sft_features, collate_causal_lm, encode_prompt,
                                      ensure_pad_token, eos_token_ids, format_prompt, pad_rows, token_nll,
                                      uses_chat_template)
+from finetune.tasks.lm_loss import causal_lm_loss
 
 PLAIN_TEMPLATE = "{prompt}\n"  # without a chat template the target follows the instruction's line
 # model types trained with a task prefix on the source ("translate English to German: ", "summarize: ")
@@ -260,6 +261,12 @@ class TextToTextTask(Task):
             "labels": pad_rows([f["labels"] for f in features], IGNORE_INDEX, "right", multiple),
         }
 
+    def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        """Decoders: the loss without full logits (``train.chunked_loss``); encoder-decoders: the model's own."""
+        if self.learned.kind == "decoder" and self.config.train.chunked_loss:
+            return causal_lm_loss(model, batch)
+        return super().loss(model, batch)
+
     # --- generation ------------------------------------------------------------------------------
     def _forced_bos_token_id(self, tokenizer: PreTrainedTokenizerBase) -> int | None:
         """A token every target starts with and generation must start with (translation: a language code)."""
@@ -280,7 +287,7 @@ class TextToTextTask(Task):
             tokens = (labels != IGNORE_INDEX).sum(1)
             prompt_ids, prompt_mask = batch["input_ids"], batch["attention_mask"]
         else:
-            nll, tokens = token_nll(model, batch)
+            nll, tokens = token_nll(model, batch, chunked=self.config.train.chunked_loss)
             # Generation continues each prompt: left-pad them so new tokens start in one column.
             prompts = [ids[:n].tolist() for ids, n in zip(batch["input_ids"], prompt_length.tolist())]
             prompt_ids = pad_rows(prompts, self.tokenizer.pad_token_id, "left", None).to(nll.device)

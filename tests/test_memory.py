@@ -1,0 +1,105 @@
+"""Memory options: activation checkpointing gives the same gradients with LoRA and the speed options, and a run
+reports its peak memory (and counts the real tokens of packed rows) in metrics.json."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from finetune import speed
+from conftest import bound_task
+from finetune.config import LoraSettings, TrainConfig
+from finetune.data import load_splits
+from finetune.models import enable_gradient_checkpointing
+from finetune.recipes import RECIPES_DIR, load_config
+from finetune.tasks.decoding import collate_causal_lm
+from finetune.tasks.lm_loss import causal_lm_loss
+from finetune.train import train
+from tiny_decoder import build_checkpoint, build_model, build_tokenizer, synthetic_pairs
+
+
+def batch(tokenizer) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for length in (9, 14, 20):
+        ids = torch.randint(3, len(tokenizer), (length,), generator=generator).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * 4 + ids[4:]})
+    return collate_causal_lm(rows, tokenizer.pad_token_id)
+
+
+@pytest.mark.parametrize("speed_options", [False, True])
+def test_gradient_checkpointing_gives_the_same_gradients_with_lora(speed_options: bool) -> None:
+    """LoRA freezes every base weight, so a checkpointed block gets gradients only because the embeddings' output
+    requires them; dropout (in LoRA and in attention) draws the same masks when a block is recomputed."""
+    tokenizer = build_tokenizer()
+    base = build_model("llama", tokenizer, initializer_range=0.2, dropout=0.1).train()
+    models = []
+    for checkpointing in (False, True):
+        model = copy.deepcopy(base)
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+        torch.manual_seed(0)  # the same LoRA initialisation
+        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, lora_dropout=0.1,
+                                                 target_modules="all-linear"))
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.2, generator=torch.Generator().manual_seed(len(name)))
+        if speed_options:
+            notes = speed.apply_speed_options(model, TrainConfig(), LoraSettings(), "no", on_gpu=False)
+            assert any(note.startswith("fused LoRA (14") for note in notes), notes
+        models.append(model.train())
+
+    layer_calls = []
+    hook = models[1].get_base_model().model.layers[0].mlp.register_forward_pre_hook(lambda *args: layer_calls.append(1))
+    results = []
+    for model in models:
+        torch.manual_seed(3)
+        loss = causal_lm_loss(model, batch(tokenizer))
+        loss.backward()
+        results.append((loss.item(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    hook.remove()
+    assert len(layer_calls) == 2  # the forward, and its recomputation in the backward pass: really checkpointed
+    (loss, grads), (checkpointed_loss, checkpointed_grads) = results
+    assert checkpointed_loss == loss
+    assert grads.keys() == checkpointed_grads.keys() and sum("lora_A" in n for n in grads) == 14
+    for name, grad in grads.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(checkpointed_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_gradient_checkpointing_refuses_a_model_without_it() -> None:
+    from finetune.errors import ConfigError
+
+    class NoCheckpointing(torch.nn.Module):
+        supports_gradient_checkpointing = False
+
+    with pytest.raises(ConfigError, match="train.gradient_checkpointing"):
+        enable_gradient_checkpointing(NoCheckpointing())
+
+
+def test_a_packed_checkpointed_run_reports_peak_memory_and_real_tokens(tmp_path: Path) -> None:
+    folder = build_checkpoint(tmp_path / "tiny-llama", "llama")
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in synthetic_pairs(120, seed=1)), encoding="utf-8")
+    config = load_config(RECIPES_DIR / "generate.yaml", [
+        f"model.name_or_path={folder}", "data.source=files", f"data.train_file={data}", "data.system_prompt=null",
+        "data.max_length=64", "train.batch_size=4", "train.epochs=1", "train.gradient_checkpointing=true",
+        "train.mixed_precision=no", "train.eval_every_steps=null", "eval.generate_samples=0",
+        "eval.before_training=false", f"run.output_dir={tmp_path}", "run.name=tiny"])
+    assert config.data.packing == "auto" and config.train.chunked_loss
+    run_dir = train(config, "generate")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    memory = metrics["peak_memory"]
+    assert memory["rss_mib"] > 100 and memory["gpu_mib"] is None
+    # tokens counted are the packed rows' real tokens (no padding), over the one epoch
+    task = bound_task(config)
+    train_examples = load_splits(task, config)["train"]
+    train_features = task.features(train_examples, "train")
+    assert "position_ids" in train_features.column_names and len(train_features) < len(train_examples)  # packed
+    assert metrics["throughput"]["tokens"] == sum(train_features["length"])
+    assert metrics["throughput"]["samples"] == len(train_examples)  # samples, not packed rows
