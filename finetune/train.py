@@ -392,7 +392,7 @@ class TrainingRun:
         """The best weights on the test split beside the baseline; the run folder, ``metrics.json`` last."""
         accelerator, run, state, task = self.accelerator, self.run, self.state, self.task
         throughput = self.throughput.summary()
-        self.memory = peak_memory()  # training's peak, before the test evaluation
+        memory = peak_memory()  # training's peak, before the test evaluation
         unwrapped = accelerator.unwrap_model(self.model)
         if run.best_weights.is_file():
             load_trainable_everywhere(accelerator, self.model, run.best_weights)
@@ -410,7 +410,7 @@ class TrainingRun:
             unwrapped.save_pretrained(str(weights), safe_serialization=True, state_dict=whole)
             task.tokenizer.save_pretrained(str(weights))
             task.save(weights)
-            summary = {**self._summary(result, baselines), "throughput": throughput, "peak_memory": self.memory}
+            summary = {**self._summary(result, baselines), "throughput": throughput, "peak_memory": memory}
             if self.stream is not None:  # the streamed examples trained on, not the sample the task learned from
                 summary["split_sizes"]["train"] = throughput["samples"]
             if run.before_training.is_file():
