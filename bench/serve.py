@@ -13,7 +13,10 @@ server is ``finetune serve RUN --port 0`` in a subprocess on 127.0.0.1 with its 
 ``--clients`` clients at once (each one request at a time on its own keep-alive connection); the order of
 the two alternates between rounds, after an unmeasured warm-up. Printed per phase: throughput, p50/p99
 latency, failed requests, and the batches the server formed (from ``/health``); then the throughput ratio
-per round and its median. Bounded: requests per phase, and ``--time-limit`` seconds for the whole bench (a
+per round and its median. Then, in this process and with no server, the model alone: the run's
+``task.predict`` on the same texts one at a time and in batches of ``--clients``, which shows how much of
+the gain the forward pass itself leaves to batching (the rest is what a request costs besides the model:
+HTTP, JSON, tokenizing, the hand-over to the model's thread). Bounded: requests per phase, and ``--time-limit`` seconds for the whole bench (a
 phase cut short says so). Exits 1 if any request failed.
 """
 
@@ -190,8 +193,9 @@ def run_phase(server: Server, texts: list[str], clients: int, deadline: float, m
                  after["batches"] - before["batches"], cut_short.is_set())
 
 
-def bench(run: Path, args: argparse.Namespace, deadline: float) -> tuple[str, list[tuple[int, Phase, Phase]]]:
-    """(the server's banner, the measured rounds) for one run."""
+def bench(run: Path, args: argparse.Namespace, deadline: float) -> tuple[str, list[tuple[int, Phase, Phase]],
+                                                                       tuple[float, float]]:
+    """(the server's banner, the measured rounds, the model alone's rates) for one run."""
     texts = request_texts(run, args.requests)
     server = Server(run, args.serve_args.split())
     try:
@@ -205,10 +209,30 @@ def bench(run: Path, args: argparse.Namespace, deadline: float) -> tuple[str, li
             rounds.append((round_, measured[1], measured[args.clients]))
     finally:
         server.close()
-    return server.banner.split(" at ")[0], rounds
+    return server.banner.split(" at ")[0], rounds, model_alone(run, texts, args.clients)
 
 
-def report(banner: str, rounds: list[tuple[int, Phase, Phase]], clients: int) -> int:
+def model_alone(run: Path, texts: list[str], batch: int) -> tuple[float, float]:
+    """Inputs per second of the run's ``task.predict`` alone: one input per call, and ``batch`` per call."""
+    sys.path.insert(0, str(REPO))
+    import torch
+
+    from finetune.trained_run import load_run
+
+    loaded = load_run(str(run), [])
+    inputs = [{"text": text} for text in texts]
+    rates = []
+    with torch.inference_mode():
+        loaded.task.predict(loaded.model, inputs[:batch])  # warm-up
+        for size in (1, batch):
+            start = time.perf_counter()
+            for i in range(0, len(inputs), size):
+                loaded.task.predict(loaded.model, inputs[i:i + size])
+            rates.append(len(inputs) / (time.perf_counter() - start))
+    return rates[0], rates[1]
+
+
+def report(banner: str, rounds: list[tuple[int, Phase, Phase]], alone: tuple[float, float], clients: int) -> int:
     """Print one run's table; returns its failed requests."""
     print(f"\n{banner}")
     header = f"{'round':>5}  {'mode':<14} {'clients':>7} {'sent':>5} {'failed':>6} {'req/s':>8} {'p50 ms':>8} " \
@@ -227,6 +251,8 @@ def report(banner: str, rounds: list[tuple[int, Phase, Phase]], clients: int) ->
     print(f"throughput, {clients} concurrent clients / one at a time: "
           + ", ".join(f"{r:.2f}x" for r in ratios) + f" (median {statistics.median(ratios):.2f}x); "
           f"failed requests: {failed}")
+    print(f"the model alone (task.predict in one process, no server): one input per call {alone[0]:.1f} inputs/s, "
+          f"{clients} per call {alone[1]:.1f} inputs/s ({alone[1] / alone[0]:.2f}x)")
     return failed
 
 
@@ -255,7 +281,7 @@ def main() -> None:
     print(f"serve bench: {args.requests} /v1/predict requests (one tweet each) per phase, {args.rounds} rounds; "
           f"{os.cpu_count()} CPUs, load average {load} (1/5/15 min); server flags: defaults"
           f"{(' + ' + args.serve_args) if args.serve_args else ''}")
-    failed = sum(report(banner, rounds, args.clients) for banner, rounds in results)
+    failed = sum(report(banner, rounds, alone, args.clients) for banner, rounds, alone in results)
     sys.exit(1 if failed else 0)
 
 

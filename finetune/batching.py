@@ -173,3 +173,16 @@ def eval_dataloader(task: Task, features: datasets.Dataset, batch_size: int) -> 
         return batch
 
     return DataLoader(indexed, batch_sampler=LengthSortedBatches(features["length"], batch_size), collate_fn=collate)
+
+
+def split_batch(batch: dict[str, Any], max_tokens: int) -> list[dict[str, Any]]:
+    """``batch`` cut into consecutive groups of rows of at most ``max_tokens`` tokens each (rows x the padded
+    length; at least one row per part). Tensors whose first dimension is the rows are sliced; anything else
+    goes to every part unchanged. One part (the batch itself) when it fits."""
+    rows, length = batch["input_ids"].shape[:2]
+    per_part = max(1, max_tokens // max(1, length))
+    if per_part >= rows:
+        return [batch]
+    return [{key: value[start:start + per_part] if torch.is_tensor(value) and value.dim() and value.shape[0] == rows
+             else value for key, value in batch.items()}
+            for start in range(0, rows, per_part)]

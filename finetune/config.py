@@ -238,6 +238,13 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Keep only each layer's input in the forward pass and recompute the rest in the backward pass: much less
     activation memory (longer sequences, larger batches) for about a third more compute."""
+    max_tokens_per_pass: int | Literal["auto"] | None = "auto"
+    """Split each training batch into forward/backward passes of at most this many tokens (rows x padded length)
+    whose gradients add up before the optimizer step: the same update as one pass (each part's loss is weighted
+    by its share of what the task's loss averages over, e.g. target tokens), with activation memory bounded by
+    this budget instead of the batch. ``auto``: 512 on CPUs, where smaller passes cost little speed, and one
+    pass on GPUs; ``null``: one pass per batch. Applies to tasks that say what their loss averages over (text
+    generation) and not with DeepSpeed or ``on_nonfinite_loss=skip``."""
     tf32: bool = True
     """On CUDA, TF32 tensor cores for the matmuls that stay in fp32."""
     trackers: list[str] = field(default_factory=list)
@@ -264,6 +271,13 @@ class TrainConfig:
               "> 0 or null", self.pad_to_multiple_of)
         check(self.num_workers is None or self.num_workers >= 0, "train.num_workers", ">= 0 or null",
               self.num_workers)
+        check(self.max_tokens_per_pass in ("auto", None) or (isinstance(self.max_tokens_per_pass, int)
+                                                             and self.max_tokens_per_pass > 0),
+              "train.max_tokens_per_pass", "a positive integer, auto or null", self.max_tokens_per_pass)
+        if isinstance(self.max_tokens_per_pass, int):
+            check(self.on_nonfinite_loss == "error", "train.on_nonfinite_loss",
+                  "error when train.max_tokens_per_pass is set (a skipped part would leave the others' gradients)",
+                  self.on_nonfinite_loss)
         for tracker in self.trackers:
             check(tracker in TRACKERS, "train.trackers",
                   "a list of accelerate trackers (tensorboard, wandb, mlflow, ...)", tracker)

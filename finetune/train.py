@@ -15,6 +15,7 @@ What the loop counts and decides lives in small helpers below the class (:class:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import itertools
 import json
@@ -31,20 +32,21 @@ import datasets
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list, set_seed
+from accelerate.utils import (DataLoaderConfiguration, DistributedType, ProjectConfiguration, broadcast_object_list,
+                               set_seed)
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from finetune import report, report_page
 from finetune.accelerator import make_accelerator, process_group, resolve_mixed_precision
-from finetune.batching import StreamBatches, eval_dataloader, train_dataloader
+from finetune.batching import StreamBatches, eval_dataloader, split_batch, train_dataloader
 from finetune.checkpoints import (GracefulStop, TrainerState, TrainingInterrupted, check_checkpoint,
                                   checkpoint_trainable_only, inject_fault, is_sharded, load_checkpoint,
                                   load_trainable_everywhere, prune_checkpoints, save_checkpoint, save_trainable,
                                   trainable_state)
 from finetune.config import Config, DataConfig, TrainConfig, dump_config
 from finetune.data import INPUT_LENGTH, describe_stream, length_summary, load_raw, load_splits, load_stream, shared_inputs
-from finetune.errors import FinetuneError
+from finetune.errors import ConfigError, FinetuneError
 from finetune.evaluation import EvalResult, evaluate
 from finetune.models import (apply_lora, check_length_fits, count_parameters, enable_gradient_checkpointing,
                              quantized_loading, resolve_checkpoint, write_source)
@@ -220,6 +222,10 @@ class TrainingRun:
                                   num_training_steps=self.schedule.max_steps * accelerator.num_processes)
         self.scheduler = accelerator.prepare(scheduler)
         checkpoint_trainable_only(accelerator)  # LoRA: checkpoints without the frozen base
+        self.max_tokens_per_pass = tokens_per_pass(t, accelerator, task)
+        if self.max_tokens_per_pass is not None:
+            accelerator.print(f"memory: training batches in passes of at most {self.max_tokens_per_pass} tokens "
+                              f"(train.max_tokens_per_pass), gradients added before each optimizer step")
         if t.trackers:
             accelerator.init_trackers(config.run.name, config=report.flatten(config.to_dict()))
 
@@ -295,15 +301,23 @@ class TrainingRun:
         """Forward and backward of one micro-batch; the optimizer steps when the accumulation window is full."""
         t, state, accelerator = self.config.train, self.state, self.accelerator
         with accelerator.accumulate(self.model):
-            loss = self.task.loss(self.model, batch)
-            value = loss.detach().float().item()
-            if math.isfinite(value):
-                accelerator.backward(loss)
-            elif t.on_nonfinite_loss == "skip":
+            parts = self._passes(batch)
+            value = 0.0
+            for i, (part, share) in enumerate(parts):
+                # Only the last pass may synchronise gradients across processes: the others add to them locally.
+                with accelerator.no_sync(self.model) if i < len(parts) - 1 else contextlib.nullcontext():
+                    loss = self.task.loss(self.model, part)
+                    part_value = loss.detach().float().item()
+                    if math.isfinite(part_value):
+                        accelerator.backward(loss * share if share != 1 else loss)
+                value += part_value * share
+                if not math.isfinite(part_value):
+                    break
+            if not math.isfinite(value) and t.on_nonfinite_loss == "skip":
                 state.skipped_batches += 1
                 print(f"step {state.global_step + 1}, process {accelerator.process_index}: loss is {value}; "
                       f"batch skipped ({state.skipped_batches} so far)")
-            else:
+            elif not math.isfinite(value):
                 raise FinetuneError(f"loss is {value} at step {state.global_step + 1} (epoch {state.epoch}, batch "
                                     f"{state.batches_in_epoch + 1}); lower train.learning_rate, check the data, or "
                                     f"set train.on_nonfinite_loss=skip")
@@ -313,6 +327,17 @@ class TrainingRun:
             self.scheduler.step()
             self.optimizer.zero_grad()
         return value
+
+    def _passes(self, batch: dict[str, Any]) -> list[tuple[dict[str, Any], float]]:
+        """The parts of ``batch`` trained in one pass each (``train.max_tokens_per_pass``), with each part's
+        share of what the loss averages over: their weighted losses give the whole batch's gradient."""
+        budget = self.max_tokens_per_pass
+        if budget is None or batch["input_ids"].numel() <= budget:
+            return [(batch, 1.0)]
+        total = self.task.loss_weight(batch)
+        if not total:  # the task does not say, or nothing to average: one pass
+            return [(batch, 1.0)]
+        return [(part, self.task.loss_weight(part) / total) for part in split_batch(batch, budget)]
 
     def _after_optimizer_step(self, epoch: int, stop: GracefulStop) -> bool:
         """Log, validate, checkpoint, stop: what follows an optimizer step. Returns whether training is done."""
@@ -696,6 +721,28 @@ def configure_deepspeed(accelerator: Accelerator, train: TrainConfig) -> None:
     config["train_micro_batch_size_per_gpu"] = train.batch_size
     if config.get("gradient_clipping", "auto") == "auto":
         config["gradient_clipping"] = train.max_grad_norm or 0.0
+
+
+AUTO_TOKENS_PER_PASS = 512
+"""``train.max_tokens_per_pass: auto`` on CPUs: activations of 512 tokens, while passes stay large enough that
+their matmuls run at full speed on a few cores."""
+
+
+def tokens_per_pass(train: TrainConfig, accelerator: Accelerator, task: Task) -> int | None:
+    """``train.max_tokens_per_pass`` resolved: ``auto`` is 512 on CPUs, one pass on GPUs; None where batches
+    stay whole (the task does not say what its loss averages over, DeepSpeed, skipped non-finite losses)."""
+    setting = train.max_tokens_per_pass
+    if setting == "auto":
+        on_cpu = accelerator.device.type == "cpu"
+        setting = AUTO_TOKENS_PER_PASS if on_cpu and train.on_nonfinite_loss == "error" else None
+    if setting is None or type(task).loss_weight is Task.loss_weight:
+        return None
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        if train.max_tokens_per_pass == "auto":
+            return None
+        raise ConfigError("config key 'train.max_tokens_per_pass' must be auto or null with DeepSpeed (it "
+                          f"accumulates gradients itself); got {setting}")
+    return int(setting)
 
 
 def peak_memory() -> dict[str, float | None]:

@@ -103,3 +103,58 @@ def test_a_packed_checkpointed_run_reports_peak_memory_and_real_tokens(tmp_path:
     assert "position_ids" in train_features.column_names and len(train_features) < len(train_examples)  # packed
     assert metrics["throughput"]["tokens"] == sum(train_features["length"])
     assert metrics["throughput"]["samples"] == len(train_examples)  # samples, not packed rows
+
+
+def test_split_batch_cuts_rows_within_the_token_budget() -> None:
+    from finetune.batching import split_batch
+
+    batch = {"input_ids": torch.arange(5 * 8).view(5, 8), "labels": torch.zeros(5, 8), "note": "kept",
+             "scalar": torch.tensor(3)}
+    parts = split_batch(batch, max_tokens=16)
+    assert [part["input_ids"].shape[0] for part in parts] == [2, 2, 1]
+    assert torch.equal(torch.cat([part["input_ids"] for part in parts]), batch["input_ids"])
+    assert all(part["note"] == "kept" and part["scalar"] is batch["scalar"] for part in parts)
+    assert split_batch(batch, max_tokens=40) == [batch]
+    assert len(split_batch(batch, max_tokens=3)) == 5  # at least one row per part
+
+
+def test_training_in_passes_gives_the_same_adapter_as_one_pass(tmp_path: Path, capsys) -> None:
+    """train.max_tokens_per_pass splits each batch of 4 packed rows of 64 tokens into 4 passes; with each pass's
+    loss weighted by its share of the batch's target tokens the optimizer sees the same gradients, so the trained
+    adapter and the logged losses are those of one pass per batch (dropout off: its masks are drawn per pass)."""
+    from safetensors.torch import load_file
+
+    folder = build_checkpoint(tmp_path / "tiny-llama", "llama")
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in synthetic_pairs(80, seed=2)), encoding="utf-8")
+    adapters, losses = {}, {}
+    for budget in ("null", "64"):
+        config = load_config(RECIPES_DIR / "generate.yaml", [
+            f"model.name_or_path={folder}", "data.source=files", f"data.train_file={data}", "data.system_prompt=null",
+            "data.max_length=64", "train.batch_size=4", "train.epochs=1", "lora.dropout=0", "train.learning_rate=0.01",
+            f"train.max_tokens_per_pass={budget}", "train.mixed_precision=no", "train.eval_every_steps=null",
+            "train.log_every_steps=1", "eval.generate_samples=0", "eval.before_training=false",
+            f"run.output_dir={tmp_path}", f"run.name=passes-{budget}"])
+        run_dir = train(config, "generate")
+        printed = capsys.readouterr().out
+        assert ("passes of at most 64 tokens" in printed) == (budget == "64")
+        adapters[budget] = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+        log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+        losses[budget] = [row["loss"] for row in log if "loss" in row and "step" in row]
+    assert len(losses["null"]) >= 3 and losses["64"] == pytest.approx(losses["null"], rel=1e-4)
+    assert adapters["64"].keys() == adapters["null"].keys()
+    moved = 0
+    for name, weight in adapters["null"].items():
+        torch.testing.assert_close(adapters["64"][name], weight, rtol=1e-4, atol=1e-5, msg=name)
+        moved += "lora_B" in name and weight.abs().sum() > 0
+    assert moved  # LoRA B starts at zero: it trained
+
+
+def test_max_tokens_per_pass_refuses_skipped_losses_and_bad_values() -> None:
+    from finetune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.on_nonfinite_loss"):
+        TrainConfig(max_tokens_per_pass=256, on_nonfinite_loss="skip").validate()
+    with pytest.raises(ConfigError, match="train.max_tokens_per_pass"):
+        TrainConfig(max_tokens_per_pass=0).validate()
+    TrainConfig(max_tokens_per_pass="auto", on_nonfinite_loss="skip").validate()  # auto then trains in one pass

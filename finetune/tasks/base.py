@@ -190,6 +190,12 @@ class Task:
         """The training loss of one batch: the model's own by default."""
         return model(**model_inputs(batch)).loss
 
+    def loss_weight(self, batch: dict[str, Any]) -> int | None:
+        """How many items ``loss`` averages over in ``batch`` (e.g. its target tokens), so that the loop can
+        train a batch in several passes (``train.max_tokens_per_pass``) weighted by their shares, with the same
+        gradient as one pass. None (the default): batches of this task are trained in one pass."""
+        return None
+
     # --- the model --------------------------------------------------------------------------------
     def model_kwargs(self) -> dict[str, Any]:
         """Keyword arguments the base model is loaded with (e.g. ``num_labels``): shown in the model

@@ -39,7 +39,7 @@ from finetune.tasks.decoding import (DEFAULT_PROMPT_TEMPLATE, StreamWriter, buil
                                      collate_causal_lm, encode_prompt, ensure_pad_token, eos_token_ids,
                                      format_prompt, generate_batched, pack_sft_features, packs_exactly,
                                      token_nll, uses_chat_template)
-from finetune.tasks.lm_loss import causal_lm_loss
+from finetune.tasks.lm_loss import IGNORE_INDEX, causal_lm_loss
 
 logger = logging.getLogger(__name__)
 
@@ -301,6 +301,10 @@ class GenerationTask(Task):
         if self.config.train.chunked_loss:
             return causal_lm_loss(model, batch)
         return super().loss(model, batch)
+
+    def loss_weight(self, batch: dict[str, Any]) -> int | None:
+        """Target tokens: labels after the shift to next-token prediction that are not ignored."""
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
     # --- evaluation ------------------------------------------------------------------------------
     def eval_step(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
