@@ -232,7 +232,8 @@ def model_alone(run: Path, texts: list[str], batch: int) -> tuple[float, float]:
     return rates[0], rates[1]
 
 
-def report(banner: str, rounds: list[tuple[int, Phase, Phase]], alone: tuple[float, float], clients: int) -> int:
+def report(banner: str, rounds: list[tuple[int, Phase, Phase]], model_rates: tuple[float, float],
+           clients: int) -> int:
     """Print one run's table; returns its failed requests."""
     print(f"\n{banner}")
     header = f"{'round':>5}  {'mode':<14} {'clients':>7} {'sent':>5} {'failed':>6} {'req/s':>8} {'p50 ms':>8} " \
@@ -251,8 +252,8 @@ def report(banner: str, rounds: list[tuple[int, Phase, Phase]], alone: tuple[flo
     print(f"throughput, {clients} concurrent clients / one at a time: "
           + ", ".join(f"{r:.2f}x" for r in ratios) + f" (median {statistics.median(ratios):.2f}x); "
           f"failed requests: {failed}")
-    print(f"the model alone (task.predict in one process, no server): one input per call {alone[0]:.1f} inputs/s, "
-          f"{clients} per call {alone[1]:.1f} inputs/s ({alone[1] / alone[0]:.2f}x)")
+    print(f"the model alone (task.predict in one process, no server): one input per call {model_rates[0]:.1f} "
+          f"inputs/s, {clients} per call {model_rates[1]:.1f} inputs/s ({model_rates[1] / model_rates[0]:.2f}x)")
     return failed
 
 
@@ -281,7 +282,7 @@ def main() -> None:
     print(f"serve bench: {args.requests} /v1/predict requests (one tweet each) per phase, {args.rounds} rounds; "
           f"{os.cpu_count()} CPUs, load average {load} (1/5/15 min); server flags: defaults"
           f"{(' + ' + args.serve_args) if args.serve_args else ''}")
-    failed = sum(report(banner, rounds, alone, args.clients) for banner, rounds, alone in results)
+    failed = sum(report(banner, rounds, model_rates, args.clients) for banner, rounds, model_rates in results)
     sys.exit(1 if failed else 0)
 
 
