@@ -140,12 +140,14 @@ def test_training_in_passes_gives_the_same_adapter_as_one_pass(tmp_path: Path, c
         assert ("passes of at most 64 tokens" in printed) == (budget == "64")
         adapters[budget] = load_file(run_dir / "adapter" / "adapter_model.safetensors")
         log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
-        losses[budget] = [row["loss"] for row in log if "loss" in row and "step" in row]
-    assert len(losses["null"]) >= 3 and losses["64"] == pytest.approx(losses["null"], rel=1e-4)
+        losses[budget] = [row["loss"] for row in log if "loss" in row and "lr" in row]
+    assert len(losses["null"]) >= 3 and losses["64"] == pytest.approx(losses["null"], rel=1e-5)
     assert adapters["64"].keys() == adapters["null"].keys()
     moved = 0
     for name, weight in adapters["null"].items():
-        torch.testing.assert_close(adapters["64"][name], weight, rtol=1e-4, atol=1e-5, msg=name)
+        # within a twentieth of one Adam step (lr 0.01): Adam moves an element by about lr whatever its gradient's
+        # size, so rounding in a near-zero gradient can show as a part of lr; the losses above are the sharp check
+        torch.testing.assert_close(adapters["64"][name], weight, rtol=0, atol=0.01 / 20, msg=name)
         moved += "lora_B" in name and weight.abs().sum() > 0
     assert moved  # LoRA B starts at zero: it trained
 
