@@ -160,3 +160,20 @@ def test_max_tokens_per_pass_refuses_skipped_losses_and_bad_values() -> None:
     with pytest.raises(ConfigError, match="train.max_tokens_per_pass"):
         TrainConfig(max_tokens_per_pass=0).validate()
     TrainConfig(max_tokens_per_pass="auto", on_nonfinite_loss="skip").validate()  # auto then trains in one pass
+
+
+def test_a_pass_without_target_tokens_is_left_out() -> None:
+    """A part of a batch whose rows have no targets (e.g. responses cut away) would have a nan loss (0 / 0); it
+    adds nothing to the gradient, so it is not trained, while the batch as a whole still is."""
+    from types import SimpleNamespace
+
+    from finetune.tasks.generation import GenerationTask
+    from finetune.train import TrainingRun
+
+    labels = torch.full((4, 8), -100)
+    labels[2:, 3:] = 7  # rows 0 and 1: no targets
+    batch = {"input_ids": torch.ones(4, 8, dtype=torch.long), "labels": labels}
+    run = SimpleNamespace(max_tokens_per_pass=16, task=GenerationTask.__new__(GenerationTask))
+    passes = TrainingRun._passes(run, batch)
+    assert [part["input_ids"].shape[0] for part, _ in passes] == [2]
+    assert torch.equal(passes[0][0]["labels"], labels[2:]) and passes[0][1] == 1.0
