@@ -539,3 +539,4 @@ def start(args: argparse.Namespace, title: str) -> None:
     print(f"  matmul peak: fp32 {peaks['fp32'] / 1e9:,.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:,.0f} GFLOP/s", flush=True)
     args.peaks = peaks
     args.output = args.output_dir or Path(tempfile.mkdtemp(prefix="finetune-bench-"))
+    args.output.mkdir(parents=True, exist_ok=True)
