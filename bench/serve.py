@@ -16,8 +16,8 @@ latency, failed requests, and the batches the server formed (from ``/health``); 
 per round and its median. Then, in this process and with no server, the model alone: the run's
 ``task.predict`` on the same texts one at a time and in batches of ``--clients``, which shows how much of
 the gain the forward pass itself leaves to batching (the rest is what a request costs besides the model:
-HTTP, JSON, tokenizing, the hand-over to the model's thread). Bounded: requests per phase, and ``--time-limit`` seconds for the whole bench (a
-phase cut short says so). Exits 1 if any request failed.
+HTTP, JSON, tokenizing, the hand-over to the model's thread). Bounded: requests per phase, and
+``--time-limit`` seconds for the whole bench (a phase cut short says so). Exits 1 if any request failed.
 """
 
 from __future__ import annotations

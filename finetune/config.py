@@ -242,8 +242,8 @@ class TrainConfig:
     """Split each training batch into forward/backward passes of at most this many tokens (rows x padded length)
     whose gradients add up before the optimizer step: the same update as one pass (each part's loss is weighted
     by its share of what the task's loss averages over, e.g. target tokens), with activation memory bounded by
-    this budget instead of the batch. ``auto``: 512 on CPUs, where smaller passes cost little speed, and one
-    pass on GPUs; ``null``: one pass per batch. Applies to tasks that say what their loss averages over (text
+    this budget instead of the batch. ``auto``: 512 on CPUs (measured on SmolLM2-135M SFT: ~10% slower than one
+    pass, at less than half its peak memory) and one pass on GPUs; ``null``: one pass per batch. Applies to tasks that say what their loss averages over (text
     generation) and not with DeepSpeed or ``on_nonfinite_loss=skip``."""
     tf32: bool = True
     """On CUDA, TF32 tensor cores for the matmuls that stay in fp32."""
